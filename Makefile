@@ -1,0 +1,34 @@
+# `make run` sets everything up and runs Dreamloom; `make test` sets up and runs every test.
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+PIP     := $(PYTHON) -m pip
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY := error
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test setup bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch 2.13.0 (a CPU build on disk here) unless a torch is already installed in the venv.
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev,postgres]"
+	touch $(STAMP)
+
+run: setup
+	# Until the studio service exists, the main job is a demo generation with the starter model.
+	$(VENV)/bin/dreamloom imagine "a red circle on a blue background --ar 3:2 --seed 7"
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+bench: setup
+	$(PYTHON) bench/engine_bench.py
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

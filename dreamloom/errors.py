@@ -1,0 +1,48 @@
+"""The one error hierarchy of Dreamloom.
+
+Every error raised on purpose by `engine`, `storage` or `studio` derives from
+`DreamloomError`; its `str()` is concise, safe to show a user and says how to fix
+the input. Front doors catch `DreamloomError` in one handler and show the message;
+anything else is a bug and is logged, not shown.
+"""
+from __future__ import annotations
+
+
+class DreamloomError(Exception):
+    """Base class: the message is meant for the end user."""
+
+
+class InvalidPrompt(DreamloomError):
+    """A prompt or one of its parameters is malformed or out of range."""
+
+    def __init__(self, message: str, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
+class UnknownModel(DreamloomError):
+    """A model or LoRA name that the registry does not know, or a path that does not exist."""
+
+
+class ModelLoadError(DreamloomError):
+    """A model file or folder exists but cannot be loaded."""
+
+
+class ModelTooLarge(DreamloomError):
+    """A model does not fit into the configured memory budget."""
+
+
+class InvalidImage(DreamloomError):
+    """An input image is missing, not an image, too large or otherwise unusable."""
+
+
+class GenerationCancelled(DreamloomError):
+    """The job was cancelled while it ran."""
+
+
+class EngineUnavailable(DreamloomError):
+    """The accelerator failed (out of memory, driver error); the job can be retried."""
+
+
+class ConfigError(DreamloomError):
+    """A settings or registry file is invalid."""

@@ -1,0 +1,90 @@
+"""An LRU cache of loaded pipelines, bounded by a memory budget, under one GPU lock."""
+from __future__ import annotations
+
+import gc
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from dreamloom.errors import ModelTooLarge
+from engine.registry import ModelSpec
+
+
+@dataclass
+class CacheEntry:
+    """A loaded pipeline, its estimated size, and pipelines derived from it (img2img)."""
+
+    pipe: Any
+    size: int
+    derived: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelCache:
+    """Keeps recently used pipelines loaded; evicts the least recently used to stay within `budget_bytes`.
+
+        with cache.acquire(spec) as entry:
+            entry.pipe(...)
+
+    `acquire` holds the single GPU lock for the whole `with` block, so only one
+    generation touches the accelerator at a time.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[ModelSpec], Any],
+        estimate: Callable[[ModelSpec], int],
+        budget_bytes: int,
+        release: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._load = load
+        self._estimate = estimate
+        self._release = release
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self.lock = threading.RLock()
+        self.loads = 0
+        self.evictions = 0
+
+    @property
+    def used_bytes(self) -> int:
+        """Sum of the estimated sizes of the loaded pipelines."""
+        return sum(entry.size for entry in self._entries.values())
+
+    def loaded(self) -> list[str]:
+        """Cache keys, least recently used first."""
+        return list(self._entries)
+
+    def _evict_one(self) -> None:
+        self._entries.popitem(last=False)
+        self.evictions += 1
+        gc.collect()
+        self._release()
+
+    @contextmanager
+    def acquire(self, spec: ModelSpec) -> Iterator[CacheEntry]:
+        """Hold the GPU lock and yield the loaded entry for `spec`, loading it if needed."""
+        with self.lock:
+            entry = self._entries.get(spec.key)
+            if entry is None:
+                size = self._estimate(spec)
+                if size > self.budget_bytes:
+                    raise ModelTooLarge(
+                        f"Model {spec.name!r} needs about {size / 2**30:.1f} GiB but the model memory budget is "
+                        f"{self.budget_bytes / 2**30:.1f} GiB; raise DREAMLOOM_MODEL_MEMORY_BUDGET_MB or use a smaller model."
+                    )
+                while self._entries and self.used_bytes + size > self.budget_bytes:
+                    self._evict_one()
+                entry = CacheEntry(self._load(spec), size)
+                self.loads += 1
+                self._entries[spec.key] = entry
+            self._entries.move_to_end(spec.key)
+            yield entry
+
+    def clear(self) -> None:
+        """Unload everything."""
+        with self.lock:
+            while self._entries:
+                self._evict_one()

@@ -1,0 +1,74 @@
+"""Generation parameters in PNG files, in the A1111 `parameters` text chunk other tools read."""
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from dreamloom import __version__
+from engine.generation import GenerationSettings
+
+SAMPLER_NAMES = {
+    "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "ddim": "DDIM", "unipc": "UniPC", "lcm": "LCM",
+}
+
+
+def a1111_parameters(settings: GenerationSettings, seed: int, size: tuple[int, int] | None = None) -> str:
+    """The A1111 `parameters` text for one image of a run."""
+    width, height = size or (settings.width, settings.height)
+    prompt = " ".join(f"{p.text}::{p.weight:g}" for p in settings.parts) if len(settings.parts) > 1 else settings.prompt
+    fields = [
+        ("Steps", settings.steps), ("Sampler", SAMPLER_NAMES.get(settings.sampler, settings.sampler)),
+        ("CFG scale", f"{settings.cfg:g}"), ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", settings.model),
+    ]
+    if settings.strength is not None:
+        fields.append(("Denoising strength", f"{settings.strength:g}"))
+    if settings.chaos:
+        fields.append(("Chaos", settings.chaos))
+    fields.append(("Stylize", settings.stylize))
+    if settings.tile:
+        fields.append(("Tiling", "True"))
+    fields.append(("Version", f"dreamloom {__version__}"))
+    lines = [prompt]
+    if settings.negative_prompt:
+        lines.append(f"Negative prompt: {settings.negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields))
+    return "\n".join(lines)
+
+
+def png_bytes(image: Image.Image, parameters: str, extra: dict[str, Any] | None = None) -> bytes:
+    """Encode `image` as PNG with the `parameters` chunk (and a `dreamloom` JSON chunk for our own tools)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    if extra is not None:
+        info.add_text("dreamloom", json.dumps(extra, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_parameters(image: Image.Image) -> dict[str, Any]:
+    """Parse the A1111 `parameters` chunk of `image` (and our `dreamloom` chunk) into a dict."""
+    result: dict[str, Any] = {}
+    if "dreamloom" in image.info:
+        try:
+            result["dreamloom"] = json.loads(image.info["dreamloom"])
+        except ValueError:
+            pass
+    text = image.info.get("parameters")
+    if not text:
+        return result
+    lines = text.split("\n")
+    settings_line = lines[-1] if re.match(r"^Steps: ", lines[-1]) else ""
+    body = lines[:-1] if settings_line else lines
+    prompt_lines = [l for l in body if not l.startswith("Negative prompt: ")]
+    negative = [l[len("Negative prompt: "):] for l in body if l.startswith("Negative prompt: ")]
+    result["prompt"] = "\n".join(prompt_lines)
+    result["negative_prompt"] = negative[0] if negative else ""
+    for key, value in re.findall(r"([A-Za-z][A-Za-z ]*): ([^,]*)(?:,|$)", settings_line):
+        result[key.strip()] = value.strip()
+    return result

@@ -1,0 +1,129 @@
+"""Loading pipelines from diffusers folders and single-file checkpoints, offline."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import logging as diffusers_logging
+from safetensors import safe_open
+from transformers.utils import logging as transformers_logging
+
+from dreamloom.errors import ModelLoadError, UnknownModel
+from engine.configs import config_folder
+from engine.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+# Loading is silent: progress bars would garble the CLI's JSON and the service's logs.
+diffusers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()
+
+PIPELINE_CLASSES = {
+    "starter": StableDiffusionPipeline,
+    "sd15": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+    "flux": FluxPipeline,
+}
+_FOLDER_CLASSES = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",
+}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+
+
+def detect_family(path: Path) -> str:
+    """The family of a checkpoint: from model_index.json for a folder, from tensor names for a file."""
+    path = Path(path)
+    if not path.exists():
+        raise UnknownModel(f"No checkpoint at {str(path)!r}: the file or folder does not exist.")
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelLoadError(f"{path} is a folder but not a diffusers model (no model_index.json).")
+        try:
+            class_name = json.loads(index.read_text())["_class_name"]
+        except (ValueError, KeyError):
+            raise ModelLoadError(f"{index} is not a valid diffusers model_index.json.") from None
+        if (path / "dreamloom.json").is_file():
+            return json.loads((path / "dreamloom.json").read_text()).get("family", "starter")
+        if class_name not in _FOLDER_CLASSES:
+            raise ModelLoadError(f"{path} holds a {class_name}; supported: {', '.join(_FOLDER_CLASSES)}.")
+        return _FOLDER_CLASSES[class_name]
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(
+            f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt/.pt files can run code); convert it first."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # safetensors raises several types for a broken header
+        raise ModelLoadError(f"{path.name} is not a readable .safetensors file.") from None
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+        return "flux"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise ModelLoadError(f"{path.name} is a Stable Diffusion 2 checkpoint; supported: SD1.5, SDXL, FLUX.")
+    if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
+        return "sd15"
+    raise ModelLoadError(f"{path.name} is not a Stable Diffusion 1.5, SDXL or FLUX checkpoint.")
+
+
+def estimate_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Memory the loaded pipeline will take, from tensor shapes in the file headers (no weights read)."""
+    target = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    total = 0
+    for file in _weight_files(spec.path):
+        if file.suffix != ".safetensors":
+            total += file.stat().st_size
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    view = handle.get_slice(key)
+                    numel = 1
+                    for dim in view.get_shape():
+                        numel *= dim
+                    stored = view.get_dtype()
+                    total += numel * (target if stored in ("F32", "F16", "BF16", "F64") else _DTYPE_BYTES.get(stored, 4))
+        except Exception:
+            total += file.stat().st_size
+    return total
+
+
+def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype, cache_dir: Path):
+    """Load `spec` as a diffusers pipeline on `device`, never touching a network."""
+    if not spec.path.exists():
+        raise UnknownModel(f"Model {spec.name!r}: nothing at {spec.path}.")
+    pipeline_class = PIPELINE_CLASSES[spec.family]
+    extra = {"safety_checker": None, "requires_safety_checker": False} if pipeline_class is StableDiffusionPipeline else {}
+    try:
+        if spec.path.is_dir():
+            pipe = pipeline_class.from_pretrained(spec.path, dtype=dtype, local_files_only=True, **extra)
+        else:
+            if spec.family == "flux":
+                raise ModelLoadError(f"{spec.path.name}: load FLUX from a diffusers folder, not a single file.")
+            config = spec.config or config_folder(spec.family, cache_dir)
+            pipe = pipeline_class.from_single_file(
+                str(spec.path), config=str(config), dtype=dtype, local_files_only=True, **extra
+            )
+    except ModelLoadError:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:
+        log.exception("loading %s failed", spec.path)
+        raise ModelLoadError(f"Model {spec.name!r} could not be loaded: {type(error).__name__}: {str(error)[:300]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

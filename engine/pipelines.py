@@ -1,0 +1,251 @@
+"""The generation scripts: text-to-image grids, variations and upscales on a loaded pipeline.
+
+Each function reads as a numbered script over plain diffusers calls; the little
+duplication between them is deliberate.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from threading import Event
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoPipelineForImage2Image,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+
+from dreamloom.errors import GenerationCancelled
+from engine.cache import CacheEntry
+from engine.generation import GenerationSettings, StepProgress
+from engine.images import make_grid
+
+ProgressCallback = Callable[[StepProgress], None]
+
+# Linear latent -> RGB maps for cheap previews (the approximation A1111 and ComfyUI use).
+LATENT_RGB_FACTORS = {
+    "sd15": ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+             [0.0, 0.0, 0.0]),
+    "sdxl": ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+             [0.1084, -0.0175, -0.0011]),
+}
+
+
+def make_scheduler(sampler: str, config):
+    """The diffusers scheduler for a sampler name of the prompt syntax."""
+    if sampler == "euler" and config.get("_class_name", "").startswith("FlowMatch"):
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+    factories = {
+        "euler": lambda: EulerDiscreteScheduler.from_config(config),
+        "euler_a": lambda: EulerAncestralDiscreteScheduler.from_config(config),
+        "dpmpp_2m": lambda: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=False),
+        "dpmpp_2m_karras": lambda: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=True),
+        "ddim": lambda: DDIMScheduler.from_config(config),
+        "unipc": lambda: UniPCMultistepScheduler.from_config(config),
+        "lcm": lambda: LCMScheduler.from_config(config),
+    }
+    return factories[sampler]()
+
+
+def latents_preview(latents: torch.Tensor, family: str, factors=None) -> Image.Image | None:
+    """A low-resolution RGB grid straight from latents, without running the VAE."""
+    factors = factors or LATENT_RGB_FACTORS.get(family)
+    if factors is None or latents.ndim != 4 or latents.shape[1] != len(factors[0]):
+        return None
+    weights = torch.tensor(factors[0], dtype=torch.float32)
+    bias = torch.tensor(factors[1], dtype=torch.float32)
+    rgb = torch.einsum("nchw,cr->nhwr", latents.detach().float().cpu(), weights) + bias
+    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).numpy()
+    return make_grid([Image.fromarray(p) for p in pixels])
+
+
+@contextlib.contextmanager
+def seamless_tiling(*modules: torch.nn.Module) -> Iterator[None]:
+    """Circular padding on every convolution: the image wraps around its edges (--tile)."""
+    convolutions = [m for module in modules if module is not None for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    previous = [c.padding_mode for c in convolutions]
+    for conv in convolutions:
+        conv.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for conv, mode in zip(convolutions, previous):
+            conv.padding_mode = mode
+
+
+def _step_callback(settings: GenerationSettings, total: int, on_step, cancel: Event | None, factors):
+    def callback(pipe, step, timestep, tensors):
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("The job was cancelled.")
+        if on_step is not None:
+            latents = tensors["latents"]
+            on_step(StepProgress(step + 1, total, lambda: latents_preview(latents, settings.family, factors)))
+        return tensors
+
+    return callback
+
+
+def _generators(device: str, seeds: tuple[int, ...]) -> list[torch.Generator]:
+    # CPU generators make the same seed give the same image on any device.
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def _chaos(embeds: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
+    """Repeat embeddings per image; --chaos perturbs each image's conditioning differently."""
+    batch = embeds.repeat(len(settings.seeds), *([1] * (embeds.ndim - 1)))
+    if settings.chaos == 0:
+        return batch
+    scale = settings.chaos / 100 * 0.6 * embeds.float().std()
+    noise = torch.stack([
+        torch.randn(embeds.shape[1:], generator=torch.Generator("cpu").manual_seed(seed ^ 0x5EED)) for seed in settings.seeds
+    ]).to(batch.device, batch.dtype)
+    return batch + noise * scale.to(batch.dtype)
+
+
+def encode_prompt(pipe, settings: GenerationSettings) -> dict:
+    """Prompt embeddings for the pipeline's family, with multi-prompt weights and chaos applied."""
+    texts = [p.text for p in settings.parts] or [""]
+    weights = torch.tensor([p.weight for p in settings.parts] or [1.0], device=pipe.device)
+    weights = (weights / weights.sum()).view(-1, *([1] * 2))
+    negative = settings.negative_prompt or None
+    if settings.family == "flux":
+        embeds, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=pipe.device, num_images_per_prompt=1)
+        kwargs = {"prompt_embeds": _chaos((embeds * weights.to(embeds.dtype)).sum(0, keepdim=True), settings),
+                  "pooled_prompt_embeds": _chaos((pooled * weights[:, :, 0].to(pooled.dtype)).sum(0, keepdim=True), settings)}
+        if negative:
+            neg, neg_pooled, _ = pipe.encode_prompt(prompt=[negative], prompt_2=None, device=pipe.device, num_images_per_prompt=1)
+            kwargs.update(negative_prompt_embeds=_chaos(neg, settings), negative_pooled_prompt_embeds=_chaos(neg_pooled, settings),
+                          true_cfg_scale=4.0)
+        return kwargs
+    if settings.family == "sdxl":
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=texts, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=[negative] * len(texts) if negative else None,
+        )
+        return {
+            "prompt_embeds": _chaos((embeds * weights.to(embeds.dtype)).sum(0, keepdim=True), settings),
+            "pooled_prompt_embeds": _chaos((pooled * weights[:, :, 0].to(pooled.dtype)).sum(0, keepdim=True), settings),
+            "negative_prompt_embeds": _chaos(neg[:1], settings),
+            "negative_pooled_prompt_embeds": _chaos(neg_pooled[:1], settings),
+        }
+    embeds, neg = pipe.encode_prompt(
+        texts, pipe.device, 1, True, negative_prompt=[settings.negative_prompt] * len(texts)
+    )
+    return {
+        "prompt_embeds": _chaos((embeds * weights.to(embeds.dtype)).sum(0, keepdim=True), settings),
+        "negative_prompt_embeds": _chaos(neg[:1], settings),
+    }
+
+
+def _guidance(settings: GenerationSettings) -> dict:
+    return {"guidance_scale": settings.cfg}
+
+
+def text_to_image(entry: CacheEntry, settings: GenerationSettings, on_step: ProgressCallback | None = None,
+                  cancel: Event | None = None, factors=None) -> list[Image.Image]:
+    """Generate `len(settings.seeds)` images in one batched call."""
+    pipe = entry.pipe
+    # 1. The sampler of this request, built from the model's own scheduler config.
+    pipe.scheduler = make_scheduler(settings.sampler, entry.derived.setdefault("scheduler_config", pipe.scheduler.config))
+    # 2. Prompt embeddings once, with multi-prompt weights and per-image chaos.
+    conditioning = encode_prompt(pipe, settings)
+    # 3. One generator per image: image i of seed N equals a single image of seed N+i.
+    generators = _generators(str(pipe.device), settings.seeds)
+    # 4. The denoising loop, with progress, previews and cancellation at every step.
+    callback = _step_callback(settings, settings.steps, on_step, cancel, factors)
+    with seamless_tiling(pipe.unet if hasattr(pipe, "unet") else None, pipe.vae) if settings.tile else contextlib.nullcontext():
+        output = pipe(
+            **conditioning, width=settings.width, height=settings.height, num_inference_steps=settings.steps,
+            generator=generators, callback_on_step_end=callback, **_guidance(settings),
+        )
+    return list(output.images)
+
+
+def _img2img_pipe(entry: CacheEntry):
+    if "img2img" not in entry.derived:
+        # from_pipe shares the loaded components: no weights are loaded or copied.
+        entry.derived["img2img"] = AutoPipelineForImage2Image.from_pipe(entry.pipe)
+        entry.derived["img2img"].set_progress_bar_config(disable=True)
+    return entry.derived["img2img"]
+
+
+def image_to_image(entry: CacheEntry, source: Image.Image, settings: GenerationSettings,
+                   on_step: ProgressCallback | None = None, cancel: Event | None = None, factors=None) -> list[Image.Image]:
+    """Images that start from `source` (noised by `settings.strength`); one batched call."""
+    pipe = _img2img_pipe(entry)
+    # 1. Sampler and prompt, as for text-to-image.
+    pipe.scheduler = make_scheduler(settings.sampler, entry.derived.setdefault("scheduler_config", entry.pipe.scheduler.config))
+    conditioning = encode_prompt(pipe, settings)
+    # 2. The source at the requested size.
+    source = source.convert("RGB").resize((settings.width, settings.height), Image.LANCZOS)
+    # 3. Denoise from the noised source.
+    total = max(1, int(settings.steps * settings.strength))
+    callback = _step_callback(settings, total, on_step, cancel, factors)
+    extra = {"width": settings.width, "height": settings.height} if settings.family == "flux" else {}
+    with seamless_tiling(getattr(pipe, "unet", None), pipe.vae) if settings.tile else contextlib.nullcontext():
+        output = pipe(
+            **conditioning, image=source, strength=settings.strength, num_inference_steps=settings.steps,
+            generator=_generators(str(pipe.device), settings.seeds), callback_on_step_end=callback,
+            **_guidance(settings), **extra,
+        )
+    return list(output.images)
+
+
+def _feather(size: tuple[int, int], overlap: int, edges: tuple[bool, bool, bool, bool]) -> np.ndarray:
+    """A weight mask that ramps up over `overlap` pixels on the edges that touch another tile."""
+    width, height = size
+    ramp_x = np.ones(width)
+    ramp_y = np.ones(height)
+    ramp = np.linspace(0.0, 1.0, overlap + 2)[1:-1] if overlap else np.array([])
+    left, top, right, bottom = edges
+    if left and overlap:
+        ramp_x[:overlap] = ramp
+    if right and overlap:
+        ramp_x[-overlap:] = ramp[::-1]
+    if top and overlap:
+        ramp_y[:overlap] = ramp
+    if bottom and overlap:
+        ramp_y[-overlap:] = ramp[::-1]
+    return np.outer(ramp_y, ramp_x)[..., None]
+
+
+def tile_boxes(width: int, height: int, tile: int, overlap: int, multiple: int) -> list[tuple[int, int, int, int]]:
+    """Overlapping tiles (left, top, right, bottom) that cover the image; edges snap to `multiple`."""
+    def starts(length: int) -> list[int]:
+        if length <= tile:
+            return [0]
+        count = math.ceil((length - overlap) / (tile - overlap))
+        step = (length - tile) / (count - 1)
+        return sorted({int(round(i * step / multiple) * multiple) for i in range(count)} | {length - tile})
+
+    return [(x, y, x + min(tile, width), y + min(tile, height)) for y in starts(height) for x in starts(width)]
+
+
+def upscale(entry: CacheEntry, source: Image.Image, settings: GenerationSettings, tile: int, overlap: int, multiple: int,
+            on_step: ProgressCallback | None = None, cancel: Event | None = None, factors=None) -> Image.Image:
+    """2x: resize, then a low-strength img2img detail pass, in overlapping tiles when the image is large."""
+    # 1. Plain 2x resize: the detail pass starts from it.
+    resized = source.convert("RGB").resize((settings.width, settings.height), Image.LANCZOS)
+    boxes = tile_boxes(settings.width, settings.height, tile, overlap, multiple)
+    if len(boxes) == 1:
+        return image_to_image(entry, resized, settings, on_step, cancel, factors)[0]
+    # 2. Each tile gets its own detail pass; overlaps are blended with feathered masks.
+    canvas = np.zeros((settings.height, settings.width, 3))
+    weight = np.zeros((settings.height, settings.width, 1))
+    for index, (left, top, right, bottom) in enumerate(boxes):
+        tile_settings = GenerationSettings(**{**settings.__dict__, "width": right - left, "height": bottom - top,
+                                              "seeds": (settings.seeds[0] + index,)})
+        detailed = image_to_image(entry, resized.crop((left, top, right, bottom)), tile_settings, on_step, cancel, factors)[0]
+        mask = _feather(detailed.size, overlap, (left > 0, top > 0, right < settings.width, bottom < settings.height))
+        canvas[top:bottom, left:right] += np.asarray(detailed, dtype=np.float64) * mask
+        weight[top:bottom, left:right] += mask
+    return Image.fromarray(np.clip(canvas / np.maximum(weight, 1e-6), 0, 255).round().astype(np.uint8))

@@ -1,0 +1,125 @@
+"""The model registry: which checkpoints exist, where, and of which family (`models.toml`).
+
+    default = "starter-shapes"
+
+    [[models]]
+    name = "starter-shapes"
+    path = "models/starter-shapes"      # relative to this file
+    family = "starter"                   # starter | sd15 | sdxl | flux
+    description = "flat coloured shapes"
+
+Paths are relative to the registry file. A `--model` that is not a registered
+name may be a path to a checkpoint file or diffusers folder.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dreamloom.errors import ConfigError, UnknownModel
+from engine.families import FAMILIES
+
+_MODEL_FIELDS = {"name", "path", "family", "config", "description", "tags", "triggers", "keywords", "defaults"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A checkpoint the engine can load: a diffusers folder or a single `.safetensors` file."""
+
+    name: str
+    path: Path
+    family: str
+    config: Path | None = None  # diffusers config folder for a single file (else the shipped one)
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def key(self) -> str:
+        """Identity in the model cache."""
+        return f"{self.family}:{self.path.resolve()}"
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The registered models and the default one."""
+
+    models: dict[str, ModelSpec]
+    default: str
+    source: Path | None = None
+
+    def get(self, name: str) -> ModelSpec:
+        """The model called `name`; unknown names list the registered ones."""
+        if name in self.models:
+            return self.models[name]
+        raise UnknownModel(f"Unknown model {name!r}. Registered models: {', '.join(sorted(self.models)) or 'none'}.")
+
+    def resolve(self, name_or_path: str | None) -> ModelSpec:
+        """A registered name, a path to a checkpoint, or the default model when `None`."""
+        if not name_or_path:
+            return self.get(self.default)
+        if name_or_path in self.models:
+            return self.models[name_or_path]
+        path = Path(name_or_path).expanduser()
+        if path.exists():
+            from engine.models import detect_family  # local import: models imports torch-free helpers only
+
+            return ModelSpec(name=path.stem if path.is_file() else path.name, path=path, family=detect_family(path))
+        if any(sep in name_or_path for sep in ("/", "\\")) or name_or_path.endswith((".safetensors", ".ckpt")):
+            raise UnknownModel(f"No checkpoint at {name_or_path!r}: the file or folder does not exist.")
+        return self.get(name_or_path)
+
+
+def _entry(raw: dict[str, Any], index: int, base: Path) -> ModelSpec:
+    where = f"models.toml: [[models]] entry {index + 1}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table.")
+    unknown = set(raw) - _MODEL_FIELDS
+    if unknown:
+        raise ConfigError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_MODEL_FIELDS))}.")
+    for required in ("name", "path", "family"):
+        if not isinstance(raw.get(required), str) or not raw[required].strip():
+            raise ConfigError(f"{where} needs a non-empty text field {required!r}.")
+    name = raw["name"]
+    where = f"models.toml: model {name!r}"
+    if raw["family"] not in FAMILIES:
+        raise ConfigError(f"{where}: family must be one of {', '.join(FAMILIES)}; got {raw['family']!r}.")
+    tags = raw.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ConfigError(f"{where}: tags must be a list of strings.")
+    defaults = raw.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{where}: defaults must be a table.")
+    path = Path(raw["path"]).expanduser()
+    config = Path(raw["config"]).expanduser() if raw.get("config") else None
+    return ModelSpec(
+        name=name, path=path if path.is_absolute() else base / path, family=raw["family"],
+        config=(config if config.is_absolute() else base / config) if config else None,
+        description=str(raw.get("description", "")), tags=tuple(tags), defaults=dict(defaults),
+    )
+
+
+def load_registry(path: Path) -> Registry:
+    """Read and validate a `models.toml`; errors name the file, the entry and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Model registry not found at {path}; create it or set DREAMLOOM_REGISTRY.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+    entries = data.get("models", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: `models` must be a list of [[models]] tables.")
+    models: dict[str, ModelSpec] = {}
+    for index, raw in enumerate(entries):
+        spec = _entry(raw, index, path.parent)
+        if spec.name in models:
+            raise ConfigError(f"{path}: model name {spec.name!r} is used twice.")
+        models[spec.name] = spec
+    default = data.get("default") or (next(iter(models)) if models else "")
+    if models and default not in models:
+        raise ConfigError(f"{path}: default model {default!r} is not one of the [[models]] entries.")
+    return Registry(models=models, default=default, source=path)

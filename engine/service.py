@@ -1,0 +1,199 @@
+"""The engine's front: requests in, results out, on one worker thread, one model cache, one GPU lock."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from threading import Event
+
+import torch
+
+from dreamloom.errors import EngineUnavailable, InvalidImage, InvalidPrompt, UnknownModel
+from engine import pipelines
+from engine.cache import ModelCache
+from engine.families import Family, get_family
+from engine.generation import (
+    UPSCALE_STRENGTH, VARIATION_STRENGTH, GenerationResult, GenerationSettings, ImagineRequest, UpscaleRequest,
+    VaryRequest, resolve_settings,
+)
+from engine.models import estimate_bytes, load_pipeline
+from engine.params import PromptRequest
+from engine.registry import ModelSpec, Registry
+
+log = logging.getLogger(__name__)
+MAX_UPSCALE_SIDE = 8192
+
+
+def pick_device(requested: str | None = None) -> str:
+    """`requested` if given, else CUDA when available, else CPU."""
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineUnavailable(f"Device {requested!r} was asked for but no CUDA GPU is available; use cpu.")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_budget_bytes(device: str) -> int:
+    """90% of GPU memory on a GPU, half of RAM on CPU."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory * 0.9)
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
+
+
+def _release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _fit(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    return tuple(max(multiple, round(side / multiple) * multiple) for side in size)  # type: ignore[return-value]
+
+
+class Engine:
+    """Generates images for requests; safe to call from asyncio through the `*_async` methods."""
+
+    def __init__(self, registry: Registry, cache_dir: Path, *, device: str | None = None,
+                 memory_budget_bytes: int | None = None, rng: random.Random | None = None) -> None:
+        self.registry = registry
+        self.cache_dir = Path(cache_dir)
+        self.device = pick_device(device)
+        self.rng = rng or random.SystemRandom()
+        self.cache = ModelCache(
+            load=lambda spec: load_pipeline(spec, self.device, self.dtype_for(spec.family), self.cache_dir),
+            estimate=lambda spec: estimate_bytes(spec, self.dtype_for(spec.family)),
+            budget_bytes=memory_budget_bytes or default_budget_bytes(self.device),
+            release=_release_memory,
+        )
+        # One worker thread: inference never blocks an event loop, and jobs never overlap on the GPU.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamloom-engine")
+
+    def dtype_for(self, family: str) -> torch.dtype:
+        """float32 on CPU; half precision on a GPU (bfloat16 for FLUX)."""
+        if self.device == "cpu":
+            return torch.float32
+        return torch.bfloat16 if family == "flux" else torch.float16
+
+    # -- checks before any GPU work ------------------------------------------------------------
+
+    def choose_model(self, prompt: PromptRequest) -> ModelSpec:
+        """The model a prompt asks for (`--model`, `--niji`) or the default; LoRAs are checked here."""
+        if prompt.model:
+            spec = self.registry.resolve(prompt.model)
+        elif prompt.niji:
+            niji = [spec for spec in self.registry.models.values() if "niji" in spec.tags]
+            if not niji:
+                raise UnknownModel("--niji needs a model tagged `niji` in models.toml; none is registered.")
+            spec = niji[0]
+        else:
+            spec = self.registry.resolve(None)
+        if prompt.loras:
+            names = ", ".join(l.name for l in prompt.loras)
+            raise UnknownModel(f"Unknown LoRA {names}: no LoRAs are registered in models.toml.")
+        return spec
+
+    def _preview_factors(self, spec: ModelSpec):
+        meta = spec.path / "dreamloom.json"
+        if spec.path.is_dir() and meta.is_file():
+            factors = json.loads(meta.read_text()).get("latent_rgb_factors")
+            if factors:
+                return factors["weights"], factors["bias"]
+        return None
+
+    def _run(self, spec: ModelSpec, work):
+        started = time.perf_counter()
+        try:
+            with self.cache.acquire(spec) as entry:
+                loaded = time.perf_counter()
+                images = work(entry)
+        except torch.cuda.OutOfMemoryError:
+            _release_memory()
+            raise EngineUnavailable("The GPU ran out of memory; try fewer images (--n 1), a smaller --ar or --q .5.") from None
+        except RuntimeError as error:
+            if "CUDA" in str(error) or "cuDNN" in str(error):
+                _release_memory()
+                log.exception("GPU failure")
+                raise EngineUnavailable("The GPU failed while generating; the job can be retried.") from None
+            raise
+        return images, {"load_s": round(loaded - started, 4), "inference_s": round(time.perf_counter() - loaded, 4)}
+
+    # -- the three operations ------------------------------------------------------------------
+
+    def imagine(self, request: ImagineRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
+        """A grid of `request.prompt.n` images from text (and an optional image prompt)."""
+        spec = self.choose_model(request.prompt)
+        family = get_family(spec.family)
+        strength = None
+        if request.init_image is not None and request.prompt.image_weight > 0:
+            strength = max(0.05, min(1.0, 1.0 - 0.25 * request.prompt.image_weight))
+        settings = resolve_settings(request.prompt, spec, family, strength=strength, rng=self.rng,
+                                    kind="imagine")
+        factors = self._preview_factors(spec)
+        if strength is not None:
+            work = lambda entry: pipelines.image_to_image(entry, request.init_image, settings, on_step, cancel, factors)
+        else:
+            work = lambda entry: pipelines.text_to_image(entry, settings, on_step, cancel, factors)
+        images, timings = self._run(spec, work)
+        return GenerationResult(images, settings, timings)
+
+    def vary(self, request: VaryRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
+        """`prompt.n` variations of `request.source`, subtle or strong."""
+        if request.strength not in VARIATION_STRENGTH:
+            raise InvalidPrompt(f"Variation strength must be one of {', '.join(VARIATION_STRENGTH)}.")
+        spec = self.choose_model(request.prompt)
+        family = get_family(spec.family)
+        size = _fit(request.source.size, family.multiple)
+        settings = resolve_settings(request.prompt, spec, family, size=size, rng=self.rng,
+                                    strength=VARIATION_STRENGTH[request.strength], kind=f"vary-{request.strength}")
+        factors = self._preview_factors(spec)
+        images, timings = self._run(
+            spec, lambda entry: pipelines.image_to_image(entry, request.source, settings, on_step, cancel, factors)
+        )
+        return GenerationResult(images, settings, timings)
+
+    def upscale(self, request: UpscaleRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
+        """A 2x upscale of `request.source` with a detail pass (tiled for large images)."""
+        spec = self.choose_model(request.prompt)
+        family: Family = get_family(spec.family)
+        width, height = _fit((request.source.width * 2, request.source.height * 2), family.multiple)
+        if max(width, height) > MAX_UPSCALE_SIDE:
+            raise InvalidImage(f"Upscaling would make a {width}x{height} image; the limit is {MAX_UPSCALE_SIDE} pixels a side.")
+        prompt = PromptRequest(**{**request.prompt.__dict__, "n": 1})
+        settings = resolve_settings(prompt, spec, family, size=(width, height), rng=self.rng,
+                                    strength=UPSCALE_STRENGTH[request.mode], kind=f"upscale-{request.mode}")
+        tile = family.native_side * 2
+        overlap = max(family.multiple, (tile // 8) // family.multiple * family.multiple)
+        factors = self._preview_factors(spec)
+        image, timings = self._run(
+            spec, lambda entry: pipelines.upscale(entry, request.source, settings, tile, overlap, family.multiple,
+                                                  on_step, cancel, factors)
+        )
+        return GenerationResult([image], settings, timings)
+
+    # -- asyncio callers -----------------------------------------------------------------------
+
+    async def _async(self, method, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, functools.partial(method, *args, **kwargs))
+
+    async def imagine_async(self, request: ImagineRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
+        """`imagine` on the engine's worker thread."""
+        return await self._async(self.imagine, request, on_step, cancel)
+
+    async def vary_async(self, request: VaryRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
+        """`vary` on the engine's worker thread."""
+        return await self._async(self.vary, request, on_step, cancel)
+
+    async def upscale_async(self, request: UpscaleRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
+        """`upscale` on the engine's worker thread."""
+        return await self._async(self.upscale, request, on_step, cancel)
+
+    def close(self) -> None:
+        """Stop the worker thread and unload models."""
+        self._worker.shutdown(wait=True)
+        self.cache.clear()

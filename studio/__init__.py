@@ -1,0 +1,1 @@
+"""Application services that the front doors (CLI, Discord bot, web gallery) call."""

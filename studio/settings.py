@@ -1,0 +1,59 @@
+"""The one typed settings object: a TOML file plus `DREAMLOOM_*` environment variables.
+
+Precedence: explicit arguments > environment variables > the TOML file
+(`DREAMLOOM_CONFIG`, else `dreamloom.toml` in the working directory) > defaults.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from dreamloom.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Dreamloom's settings; every field can be set as `DREAMLOOM_<FIELD>` or in the TOML file."""
+
+    model_config = SettingsConfigDict(env_prefix="DREAMLOOM_", extra="forbid")
+
+    data_dir: Path = Field(Path("data"), description="Where the database, images, outputs and caches live.")
+    registry: Path = Field(PROJECT_ROOT / "models.toml", description="The model registry (models.toml).")
+    device: str | None = Field(None, description="Torch device: cpu, cuda or cuda:N; default CUDA when available.")
+    model_memory_budget_mb: int | None = Field(
+        None, ge=1, description="Memory for loaded models (GPU memory on a GPU, RAM on CPU); default 90% / 50%."
+    )
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = Path(os.environ.get("DREAMLOOM_CONFIG", "dreamloom.toml"))
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file)
+
+    @property
+    def outputs_dir(self) -> Path:
+        """Where CLI generations are written."""
+        return self.data_dir / "outputs"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Derived files (e.g. single-file model configs)."""
+        return self.data_dir / "cache"
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment and TOML file; invalid values raise `ConfigError` naming the field."""
+    config = os.environ.get("DREAMLOOM_CONFIG")
+    if config and not Path(config).is_file():
+        raise ConfigError(f"DREAMLOOM_CONFIG points to {config}, which does not exist.")
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"Invalid settings: {problems}.") from None
+    except Exception as error:  # a malformed TOML file
+        raise ConfigError(f"Could not read the settings file: {error}.") from None

@@ -24,7 +24,7 @@ class Family:
 _SD_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "lcm")
 FAMILIES: dict[str, Family] = {
     "starter": Family("starter", 64, 16, 20, 7.5, "dpmpp_2m", _SD_SAMPLERS, 4),
-    "sd15": Family("sd15", 512, 64, 25, 7.0, "dpmpp_2m_karras", _SD_SAMPLERS, 8),
+    "sd15": Family("sd15", 512, 32, 25, 7.0, "dpmpp_2m_karras", _SD_SAMPLERS, 8),
     "sdxl": Family("sdxl", 1024, 64, 30, 6.0, "dpmpp_2m_karras", _SD_SAMPLERS, 8),
     # FLUX is a flow-matching model: only its own Euler sampler applies.
     "flux": Family("flux", 1024, 16, 28, 3.5, "euler", ("euler",), 8),

@@ -1,6 +1,7 @@
 """Requests and results of the engine, and how a parsed prompt becomes concrete settings."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -125,7 +126,12 @@ def resolve_settings(
     if strength is not None:
         # img2img runs steps * strength of them; keep at least a handful.
         steps = max(steps, round(4 / strength))
+    if "cfg" in spec.defaults:
+        family = dataclasses.replace(family, default_cfg=float(spec.defaults["cfg"]))
     cfg = prompt.cfg if prompt.cfg is not None else cfg_from_stylize(family, prompt.stylize)
+    if "size" in spec.defaults:
+        # A model trained at another resolution (e.g. an SD1.5 fine-tune at 768) sets its own native side.
+        family = dataclasses.replace(family, native_side=int(spec.defaults["size"]))
     width, height = size or image_size(family, prompt.aspect_ratio)
     seed = prompt.seed if prompt.seed is not None else (rng or random.SystemRandom()).randrange(0, 2**32 - prompt.n)
     seeds = tuple((seed + i) % 2**32 for i in range(prompt.n))

@@ -142,7 +142,8 @@ def _split_parameters(text: str) -> tuple[str, list[tuple[str, str]]]:
 
 def _multi_prompt(text: str) -> tuple[WeightedPrompt, ...]:
     if "::" not in text:
-        return (WeightedPrompt(" ".join(text.split()), 1.0),)
+        cleaned = " ".join(text.split())
+        return (WeightedPrompt(cleaned, 1.0),) if cleaned else ()
     parts: list[WeightedPrompt] = []
     position = 0
     for match in _MULTI_PROMPT.finditer(text):

@@ -21,6 +21,7 @@ from typing import Any
 from dreamloom.errors import ConfigError, UnknownModel
 from engine.families import FAMILIES
 
+_DEFAULT_FIELDS = {"steps", "sampler", "cfg", "size"}
 _MODEL_FIELDS = {"name", "path", "family", "config", "description", "tags", "triggers", "keywords", "defaults"}
 
 
@@ -92,6 +93,14 @@ def _entry(raw: dict[str, Any], index: int, base: Path) -> ModelSpec:
     defaults = raw.get("defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError(f"{where}: defaults must be a table.")
+    unknown_defaults = set(defaults) - _DEFAULT_FIELDS
+    if unknown_defaults:
+        raise ConfigError(f"{where}: unknown default(s) {', '.join(sorted(unknown_defaults))}; known: {', '.join(sorted(_DEFAULT_FIELDS))}.")
+    for key in ("steps", "size"):
+        if key in defaults and (not isinstance(defaults[key], int) or defaults[key] < 1):
+            raise ConfigError(f"{where}: defaults.{key} must be a positive whole number.")
+    if "cfg" in defaults and not (isinstance(defaults["cfg"], (int, float)) and 1 <= defaults["cfg"] <= 30):
+        raise ConfigError(f"{where}: defaults.cfg must be a number from 1 to 30.")
     path = Path(raw["path"]).expanduser()
     config = Path(raw["config"]).expanduser() if raw.get("config") else None
     return ModelSpec(

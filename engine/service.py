@@ -166,7 +166,7 @@ class Engine:
         prompt = PromptRequest(**{**request.prompt.__dict__, "n": 1})
         settings = resolve_settings(prompt, spec, family, size=(width, height), rng=self.rng,
                                     strength=UPSCALE_STRENGTH[request.mode], kind=f"upscale-{request.mode}")
-        tile = family.native_side * 2
+        tile = int(spec.defaults.get("size", family.native_side)) * 2
         overlap = max(family.multiple, (tile // 8) // family.multiple * family.multiple)
         factors = self._preview_factors(spec)
         image, timings = self._run(

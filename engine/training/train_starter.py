@@ -120,6 +120,26 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer_dir: Path, scali
     (out / "dreamloom.json").write_text(json.dumps(meta, indent=2))
 
 
+@torch.no_grad()
+def fit_preview_factors(model_dir: Path, samples: int = 512, seed: int = 0) -> dict:
+    """Least-squares linear map from latents to RGB, for cheap step previews; stored in dreamloom.json."""
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32)
+    rng = random.Random(seed)
+    pixels = to_tensor([render(random_scene(rng)) for _ in range(samples)])
+    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    target = F.avg_pool2d(pixels, IMAGE_SIZE // latents.shape[-1])
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(x, y).solution
+    factors = {"weights": solution[:-1].tolist(), "bias": solution[-1].tolist()}
+    meta_path = model_dir / "dreamloom.json"
+    meta = json.loads(meta_path.read_text())
+    meta["latent_rgb_factors"] = factors
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return factors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models/starter-shapes"))
@@ -133,7 +153,12 @@ def main() -> None:
     parser.add_argument("--text-width", type=int, default=64)
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--benchmark", action="store_true", help="time 10 steps of each stage and exit")
+    parser.add_argument("--preview-factors-only", action="store_true",
+                        help="only (re)fit the latent preview factors of the model in --out")
     args = parser.parse_args()
+    if args.preview_factors_only:
+        print(json.dumps(fit_preview_factors(args.out)))
+        return
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -209,6 +234,7 @@ def main() -> None:
                     "seed": args.seed, "dataset": args.dataset, "batch": args.batch, "lr": args.lr,
                     "channels": list(args.channels), "vocabulary": VOCABULARY_WORDS}
             save_pipeline(args.out, vae, ema_unet, ema_text, tokenizer_dir, scaling, meta)
+            fit_preview_factors(args.out)
             log({"stage": "saved", "step": step + 1, "path": str(args.out)})
 
 

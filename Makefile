@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test setup bench clean
+.PHONY: run test setup bench clean postgresql
 
 setup: $(STAMP)
 
@@ -24,8 +24,14 @@ run: setup
 	# Until the studio service exists, the main job is a demo generation with the starter model.
 	$(VENV)/bin/dreamloom imagine "a red circle on a blue background --ar 3:2 --seed 7"
 
-test: setup
+test: setup postgresql
 	$(PYTHON) -m pytest -q
+
+# The PostgreSQL tests start a private server from the Debian package's binaries.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
+	  echo "warning: PostgreSQL could not be installed; its tests will fail in CI and be skipped elsewhere"
 
 bench: setup
 	$(PYTHON) bench/engine_bench.py

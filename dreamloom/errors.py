@@ -46,3 +46,19 @@ class EngineUnavailable(DreamloomError):
 
 class ConfigError(DreamloomError):
     """A settings or registry file is invalid."""
+
+
+class NotFound(DreamloomError):
+    """An id (job, image, user) that does not exist."""
+
+
+class LimitReached(DreamloomError):
+    """A per-user limit (queued jobs, daily quota) is reached; the message says which and what to do."""
+
+
+class NotAllowed(DreamloomError):
+    """The user may not do this (banned, not the owner of the job, not an admin)."""
+
+
+class InvalidRequest(DreamloomError):
+    """A request that is malformed in a way other than its prompt (vote value, export target, ...)."""

@@ -6,6 +6,7 @@ duplication between them is deliberate.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from threading import Event
@@ -242,8 +243,8 @@ def upscale(entry: CacheEntry, source: Image.Image, settings: GenerationSettings
     canvas = np.zeros((settings.height, settings.width, 3))
     weight = np.zeros((settings.height, settings.width, 1))
     for index, (left, top, right, bottom) in enumerate(boxes):
-        tile_settings = GenerationSettings(**{**settings.__dict__, "width": right - left, "height": bottom - top,
-                                              "seeds": (settings.seeds[0] + index,)})
+        tile_settings = dataclasses.replace(settings, width=right - left, height=bottom - top,
+                                            seeds=(settings.seeds[0] + index,))
         detailed = image_to_image(entry, resized.crop((left, top, right, bottom)), tile_settings, on_step, cancel, factors)[0]
         mask = _feather(detailed.size, overlap, (left > 0, top > 0, right < settings.width, bottom < settings.height))
         canvas[top:bottom, left:right] += np.asarray(detailed, dtype=np.float64) * mask

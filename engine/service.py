@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -14,17 +15,18 @@ from threading import Event
 
 import torch
 
-from dreamloom.errors import EngineUnavailable, InvalidImage, InvalidPrompt, UnknownModel
+from dreamloom.errors import EngineUnavailable, InvalidImage, InvalidPrompt
 from engine import pipelines
 from engine.cache import ModelCache
 from engine.families import Family, get_family
 from engine.generation import (
-    UPSCALE_STRENGTH, VARIATION_STRENGTH, GenerationResult, GenerationSettings, ImagineRequest, UpscaleRequest,
+    UPSCALE_STRENGTH, VARIATION_STRENGTH, GenerationResult, ImagineRequest, UpscaleRequest,
     VaryRequest, resolve_settings,
 )
 from engine.models import estimate_bytes, load_pipeline
 from engine.params import PromptRequest
 from engine.registry import ModelSpec, Registry
+from engine.routing import choose_model
 
 log = logging.getLogger(__name__)
 MAX_UPSCALE_SIDE = 8192
@@ -49,6 +51,17 @@ def default_budget_bytes(device: str) -> int:
 def _release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@functools.lru_cache(maxsize=64)
+def _preview_factors(path: Path):
+    """Latent-to-RGB preview factors a starter model stores in its dreamloom.json, if any."""
+    meta = path / "dreamloom.json"
+    if path.is_dir() and meta.is_file():
+        factors = json.loads(meta.read_text()).get("latent_rgb_factors")
+        if factors:
+            return factors["weights"], factors["bias"]
+    return None
 
 
 def _fit(size: tuple[int, int], multiple: int) -> tuple[int, int]:
@@ -83,27 +96,10 @@ class Engine:
 
     def choose_model(self, prompt: PromptRequest) -> ModelSpec:
         """The model a prompt asks for (`--model`, `--niji`) or the default; LoRAs are checked here."""
-        if prompt.model:
-            spec = self.registry.resolve(prompt.model)
-        elif prompt.niji:
-            niji = [spec for spec in self.registry.models.values() if "niji" in spec.tags]
-            if not niji:
-                raise UnknownModel("--niji needs a model tagged `niji` in models.toml; none is registered.")
-            spec = niji[0]
-        else:
-            spec = self.registry.resolve(None)
-        if prompt.loras:
-            names = ", ".join(l.name for l in prompt.loras)
-            raise UnknownModel(f"Unknown LoRA {names}: no LoRAs are registered in models.toml.")
-        return spec
+        return choose_model(self.registry, prompt)
 
     def _preview_factors(self, spec: ModelSpec):
-        meta = spec.path / "dreamloom.json"
-        if spec.path.is_dir() and meta.is_file():
-            factors = json.loads(meta.read_text()).get("latent_rgb_factors")
-            if factors:
-                return factors["weights"], factors["bias"]
-        return None
+        return _preview_factors(spec.path)
 
     def _run(self, spec: ModelSpec, work):
         started = time.perf_counter()
@@ -163,7 +159,7 @@ class Engine:
         width, height = _fit((request.source.width * 2, request.source.height * 2), family.multiple)
         if max(width, height) > MAX_UPSCALE_SIDE:
             raise InvalidImage(f"Upscaling would make a {width}x{height} image; the limit is {MAX_UPSCALE_SIDE} pixels a side.")
-        prompt = PromptRequest(**{**request.prompt.__dict__, "n": 1})
+        prompt = dataclasses.replace(request.prompt, n=1)
         settings = resolve_settings(prompt, spec, family, size=(width, height), rng=self.rng,
                                     strength=UPSCALE_STRENGTH[request.mode], kind=f"upscale-{request.mode}")
         tile = int(spec.defaults.get("size", family.native_side)) * 2

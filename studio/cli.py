@@ -98,7 +98,160 @@ def cmd_models(args, settings) -> dict[str, Any]:
     }
 
 
+async def _with_studio(settings, work):
+    from studio.service import Studio
+
+    studio = await Studio.open(settings)
+    try:
+        return await work(studio)
+    finally:
+        await studio.close()
+
+
+def cmd_serve(args, settings) -> dict[str, Any]:
+    import asyncio
+    import logging
+
+    from studio.worker import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(settings, announce=lambda line: print(line, flush=True)))
+    return {"stopped": True}
+
+
+def cmd_submit(args, settings) -> dict[str, Any]:
+    import asyncio
+    import time
+
+    from studio.service import TERMINAL
+
+    async def work(studio):
+        view = await studio.submit_imagine(args.user, args.prompt)
+        if args.wait:
+            deadline = time.monotonic() + args.timeout
+            while view.status not in TERMINAL:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+                view = await studio.job(view.id)
+        return view.to_dict()
+
+    return asyncio.run(_with_studio(settings, work))
+
+
+def cmd_jobs(args, settings) -> dict[str, Any]:
+    import asyncio
+
+    async def work(studio):
+        return {"jobs": [v.to_dict() for v in await studio.jobs(args.user, args.status, args.limit)]}
+
+    return asyncio.run(_with_studio(settings, work))
+
+
+def cmd_show(args, settings) -> dict[str, Any]:
+    import asyncio
+
+    async def work(studio):
+        view = (await studio.job(args.job)).to_dict()
+        view["lineage"] = [await studio.lineage(image["id"]) for image in view["images"]]
+        return view
+
+    return asyncio.run(_with_studio(settings, work))
+
+
+def cmd_cancel(args, settings) -> dict[str, Any]:
+    import asyncio
+
+    return asyncio.run(_with_studio(settings, lambda studio: _to_dict(studio.cancel(args.job, args.user))))
+
+
+async def _to_dict(awaitable):
+    return (await awaitable).to_dict()
+
+
+def cmd_vote(args, settings) -> dict[str, Any]:
+    import asyncio
+
+    from dreamloom.errors import InvalidRequest
+
+    values = {"+1": 1, "1": 1, "up": 1, "-1": -1, "down": -1}
+    if args.value not in values and args.value not in ("0", "none"):
+        raise InvalidRequest(f"A vote is +1 or -1 (or 0 to remove it); got {args.value}.")
+
+    async def work(studio):
+        if args.value in ("0", "none"):
+            up, down = await studio.unvote(args.image, args.user)
+        else:
+            up, down = await studio.vote(args.image, args.user, values[args.value], source="cli")
+        return {"image": args.image, "user": args.user, "up": up, "down": down}
+
+    return asyncio.run(_with_studio(settings, work))
+
+
+def cmd_export(args, settings) -> dict[str, Any]:
+    import asyncio
+    from datetime import datetime, timezone
+
+    from dreamloom.errors import InvalidRequest
+    from storage.export import ExportFilter
+
+    def day(text):
+        if text is None:
+            return None
+        try:
+            return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+        except ValueError:
+            raise InvalidRequest(f"Dates look like 2026-11-22; got {text!r}.") from None
+
+    filters = ExportFilter(min_score=args.min_score, model=args.model, since=day(args.since), until=day(args.until),
+                           guild_id=args.guild)
+
+    async def work(studio):
+        report = await studio.export(Path(args.folder), args.format, filters)
+        return {"folder": str(report.folder), "format": report.format, "images": report.images, "pairs": report.pairs}
+
+    return asyncio.run(_with_studio(settings, work))
+
+
+def cmd_db(args, settings) -> dict[str, Any]:
+    import asyncio
+
+    from storage.database import Database, sqlite_url
+
+    async def work():
+        db = Database(settings.database_url or sqlite_url(settings.data_dir))
+        try:
+            before = await db.revision()
+            await db.upgrade()
+            return {"database": db.safe_url, "from": before, "to": await db.revision()}
+        finally:
+            await db.close()
+
+    return asyncio.run(work())
+
+
 def _human(command: str, document: dict[str, Any]) -> str:
+    if command in ("serve",):
+        return ""
+    if command == "db":
+        return f"database {document['database']}: revision {document['from']} -> {document['to']}"
+    if command == "vote":
+        return f"image {document['image']}: {document['up']} up, {document['down']} down"
+    if command == "export":
+        pairs = f", {document['pairs']} pairs" if document["format"] == "pairs" else ""
+        return f"exported {document['images']} images{pairs} ({document['format']}) to {document['folder']}"
+    if command == "jobs":
+        return "\n".join(f"{j['id']:>6}  {j['status']:<9} {j['kind']:<8} {j['user_id']:<16} {j['raw_prompt'][:60]}"
+                         for j in document["jobs"]) or "no jobs"
+    if command in ("submit", "show", "cancel"):
+        lines = [f"job {document['id']}: {document['status']} ({document['kind']}, model {document['model']}, seed {document['seed']})"]
+        if document.get("position") is not None:
+            lines.append(f"queue position {document['position']}, about {document['eta_seconds']:.0f} s")
+        if document.get("error"):
+            lines.append(f"error: {document['error']}")
+        lines += [f"image {i['id']} (#{i['index']}, seed {i['seed']}, {i['up']} up / {i['down']} down): {i['path']}"
+                  for i in document["images"]]
+        return "\n".join(lines)
     if command == "models":
         lines = [f"{m['name']:<24} {m['family']:<8} {'ok' if m['installed'] else 'MISSING':<8} {m['description']}"
                  for m in document["models"]]
@@ -145,10 +298,45 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--creative", action="store_true", help="repaint more detail (default: stay close)")
     add("models", "List the registered models.")
+
+    serve = add("serve", "Run the studio: work through the queue until SIGTERM (jobs survive a crash or kill -9).")
+    submit = add("submit", "Queue a job for `dreamloom serve` and print its id.")
+    submit.add_argument("prompt")
+    submit.add_argument("--user", required=True, help="who asks (e.g. alice)")
+    submit.add_argument("--wait", action="store_true", help="wait until the job has finished")
+    submit.add_argument("--timeout", type=float, default=600, help="seconds to wait at most with --wait")
+    jobs = add("jobs", "List jobs, newest first.")
+    jobs.add_argument("--user")
+    jobs.add_argument("--status", choices=["queued", "running", "done", "failed", "cancelled"])
+    jobs.add_argument("--limit", type=int, default=20)
+    show = add("show", "A job's status, parameters, images, votes and lineage.")
+    show.add_argument("job", type=int)
+    cancel = add("cancel", "Cancel a queued job or stop a running one.")
+    cancel.add_argument("job", type=int)
+    cancel.add_argument("--user", required=True, help="the job's owner")
+    vote = add("vote", "Vote on an image: +1, -1, or 0 to remove your vote.")
+    vote.add_argument("image", type=int)
+    vote.add_argument("value")
+    vote.add_argument("--user", required=True)
+    export = add("export", "Export the community's best images as a training dataset.")
+    export.add_argument("folder", help="a new or empty folder")
+    export.add_argument("--format", choices=["imagefolder", "kohya", "pairs"], default="imagefolder")
+    export.add_argument("--min-score", type=int, help="only images with at least this many net up-votes")
+    export.add_argument("--model")
+    export.add_argument("--since", help="YYYY-MM-DD")
+    export.add_argument("--until", help="YYYY-MM-DD (exclusive)")
+    export.add_argument("--guild")
+    db = add("db", "Database maintenance.")
+    db.add_argument("action", choices=["upgrade"])
+    del serve
     return parser
 
 
-COMMANDS = {"imagine": cmd_imagine, "vary": cmd_vary, "upscale": cmd_upscale, "models": cmd_models}
+COMMANDS = {
+    "imagine": cmd_imagine, "vary": cmd_vary, "upscale": cmd_upscale, "models": cmd_models, "serve": cmd_serve,
+    "submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel, "vote": cmd_vote,
+    "export": cmd_export, "db": cmd_db,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(json.dumps(document, indent=2) if args.json else _human(args.command, document))
+    if args.command == "serve":
+        return 0
+    print(json.dumps(document, indent=2, default=str) if args.json else _human(args.command, document))
     return 0
 
 

@@ -28,6 +28,14 @@ class Settings(BaseSettings):
         None, ge=1, description="Memory for loaded models (GPU memory on a GPU, RAM on CPU); default 90% / 50%."
     )
 
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL (postgresql+asyncpg://user:pass@host/db); default SQLite in data_dir."
+    )
+    max_queued_per_user: int = Field(10, ge=1, description="Jobs a user may have waiting in the queue at once.")
+    daily_quota: int | None = Field(None, ge=1, description="Jobs a user may submit per 24 hours (none: unlimited).")
+    lease_seconds: float = Field(30.0, gt=1, description="A running job's lease; renewed while it runs.")
+    max_attempts: int = Field(3, ge=1, description="Runs of a job before it is marked failed.")
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
@@ -38,6 +46,11 @@ class Settings(BaseSettings):
     def outputs_dir(self) -> Path:
         """Where CLI generations are written."""
         return self.data_dir / "outputs"
+
+    @property
+    def images_dir(self) -> Path:
+        """The content-addressed image store."""
+        return self.data_dir / "images"
 
     @property
     def cache_dir(self) -> Path:

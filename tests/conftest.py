@@ -47,3 +47,31 @@ def mean_abs_diff(a, b) -> float:
 def prompt(text: str, **kwargs):
     """parse_prompt with a short default for CPU tests."""
     return parse_prompt(text, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL server; skipped with a reason where it cannot start, but never in CI."""
+    from tests.pg_server import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+    except Exception as error:  # noqa: BLE001 - any failure to start is reported the same way
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL must run in CI: {error}")
+        pytest.skip(f"PostgreSQL tests skipped: {error}")
+    yield server
+    server.stop()
+
+
+_database_counter = iter(range(10**6))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """A fresh empty database of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'dreamloom.db'}"
+    server = request.getfixturevalue("postgres_server")
+    return server.create_database(f"test_{next(_database_counter)}_{os.getpid()}")

@@ -80,11 +80,17 @@ def test_upscale_doubles_the_size_and_stays_close(engine, grid):
 
 
 def test_large_upscale_runs_in_tiles_and_stays_close(engine, grid):
-    first = engine.upscale(UpscaleRequest(grid.images[0], prompt("a red circle on a blue background --seed 7"))).images[0]
-    assert len(tile_boxes(256, 256, 128, 16, 16)) > 1
-    second = engine.upscale(UpscaleRequest(first, prompt("a red circle on a blue background --seed 7"))).images[0]
-    assert second.size == (256, 256)
-    assert mean_abs_diff(second.resize(first.size), first) < 12
+    single_pass, tiled_passes = [], []
+    first = engine.upscale(UpscaleRequest(grid.images[0], prompt("a red circle on a blue background --seed 7")),
+                           on_step=single_pass.append).images[0]
+    second = engine.upscale(UpscaleRequest(first, prompt("a red circle on a blue background --seed 7")),
+                            on_step=tiled_passes.append)
+    assert second.images[0].size == (256, 256)
+    # One detail pass per overlapping 128x128 tile (the starter's tile is twice its native side).
+    tiles = tile_boxes(256, 256, 128, 16, 16)
+    assert len(tiles) == 9
+    assert len(tiled_passes) == len(tiles) * len(single_pass)
+    assert mean_abs_diff(second.images[0].resize(first.size), first) < 12
 
 
 def test_tile_boxes_cover_the_image():

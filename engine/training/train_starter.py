@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--text-width", type=int, default=64)
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--benchmark", action="store_true", help="time 10 steps of each stage and exit")
+    parser.add_argument("--init-from", type=Path,
+                        help="continue from this starter folder: keep its VAE, start the UNet and text encoder from it")
     parser.add_argument("--preview-factors-only", action="store_true",
                         help="only (re)fit the latent preview factors of the model in --out")
     args = parser.parse_args()
@@ -177,17 +179,24 @@ def main() -> None:
     vocab_size = write_tokenizer(tokenizer_dir, VOCABULARY_WORDS, MAX_TOKENS)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
 
-    # 2. VAE on freshly drawn scenes.
-    vae = train_vae(10 if args.benchmark else args.vae_steps, 32, rng, log)
+    # 2. VAE on freshly drawn scenes (or the one of the model we continue from).
+    if args.init_from:
+        vae = AutoencoderKL.from_pretrained(args.init_from / "vae", dtype=torch.float32).eval()
+    else:
+        vae = train_vae(10 if args.benchmark else args.vae_steps, 32, rng, log)
 
     # 3. Encode a fixed dataset once; the UNet then trains on cached latents.
     scenes, means, stds = encode_dataset(vae, 512 if args.benchmark else args.dataset, rng)
-    scaling = float(1.0 / means.std())
+    scaling = vae.config.scaling_factor if args.init_from else float(1.0 / means.std())
     log({"stage": "latents", "count": len(scenes), "scaling_factor": scaling})
 
     # 4. UNet and text encoder together, with EMA copies for the saved weights.
-    unet = make_unet(tuple(args.channels), args.text_width)
-    text_encoder = make_text_encoder(vocab_size, args.text_width, tokenizer)
+    if args.init_from:
+        unet = UNet2DConditionModel.from_pretrained(args.init_from / "unet", dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(args.init_from / "text_encoder", dtype=torch.float32)
+    else:
+        unet = make_unet(tuple(args.channels), args.text_width)
+        text_encoder = make_text_encoder(vocab_size, args.text_width, tokenizer)
     log({"stage": "params", "unet": sum(p.numel() for p in unet.parameters()),
          "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
          "vae": sum(p.numel() for p in vae.parameters())})
@@ -231,6 +240,7 @@ def main() -> None:
                  "s_per_step": round((time.time() - step_started) / (step + 1), 3)})
         if not args.benchmark and ((step + 1) % args.save_every == 0 or step == steps - 1):
             meta = {"family": "starter", "native_size": IMAGE_SIZE, "trained_steps": step + 1, "vae_steps": args.vae_steps,
+                    "init_from": str(args.init_from) if args.init_from else None,
                     "seed": args.seed, "dataset": args.dataset, "batch": args.batch, "lr": args.lr,
                     "channels": list(args.channels), "vocabulary": VOCABULARY_WORDS}
             save_pipeline(args.out, vae, ema_unet, ema_text, tokenizer_dir, scaling, meta)

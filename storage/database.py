@@ -1,0 +1,119 @@
+"""The database: SQLite (WAL, busy timeout) under the data directory by default, PostgreSQL by URL."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from dreamloom.errors import ConfigError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def sqlite_url(data_dir: Path) -> str:
+    """The default database: `dreamloom.db` in the data directory."""
+    return f"sqlite+aiosqlite:///{Path(data_dir).resolve() / 'dreamloom.db'}"
+
+
+def alembic_config() -> Config:
+    """Alembic configuration pointing at the shipped migrations."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+class Database:
+    """An async engine and a session factory; one session per unit of work.
+
+        async with db.session() as session:   # commits on success, rolls back on error
+            ...
+    """
+
+    def __init__(self, url: str) -> None:
+        if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ConfigError(f"Database URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://; got {url.split(':')[0]}.")
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            event.listen(self.engine.sync_engine, "connect", _sqlite_on_connect)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_on_begin)
+        else:
+            self.engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: commit at the end of the block, roll back on an exception."""
+        async with self.sessions() as session:
+            async with session.begin():
+                yield session
+
+    async def upgrade(self, revision: str = "head") -> None:
+        """Apply migrations up to `revision` (all by default)."""
+        await self._migrate(lambda config: command.upgrade(config, revision))
+
+    async def downgrade(self, revision: str) -> None:
+        """Revert migrations down to `revision` (`base` for an empty database)."""
+        await self._migrate(lambda config: command.downgrade(config, revision))
+
+    async def revision(self) -> str | None:
+        """The revision the database is at (None when empty)."""
+        async with self.engine.connect() as connection:
+            return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
+
+    @staticmethod
+    def head() -> str:
+        """The newest shipped revision."""
+        return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+    async def _migrate(self, run) -> None:
+        def in_connection(sync_connection) -> None:
+            config = alembic_config()
+            config.attributes["connection"] = sync_connection
+            run(config)
+
+        try:
+            async with self.engine.begin() as connection:
+                await connection.run_sync(in_connection)
+        except (OperationalError, DBAPIError, OSError) as error:
+            raise ConfigError(f"Cannot open the database ({self.safe_url}): {str(error).splitlines()[0][:200]}") from None
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for messages."""
+        if "@" in self.url:
+            scheme, rest = self.url.split("://", 1)
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return self.url
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+
+def _sqlite_on_connect(dbapi_connection, _record) -> None:
+    # Take over transaction control from the driver so `begin` can take the write lock up front.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_on_begin(connection) -> None:
+    # BEGIN IMMEDIATE: a transaction that will write waits for the lock at its start (busy_timeout),
+    # instead of failing with "database is locked" when it upgrades from reading to writing.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")

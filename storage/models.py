@@ -1,0 +1,140 @@
+"""The data model (typed SQLAlchemy 2 models). Migrations in `storage/migrations` create exactly this."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+JOB_KINDS = ("imagine", "upscale", "vary", "reroll")
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock the storage layer uses."""
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class User(Base):
+    """A member, from any front door: ids look like `discord:1234`, `cli:alice`, `web:5f2c`."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    defaults: Mapped[dict[str, Any]] = mapped_column(default=dict)  # /settings: default parameters
+    banned: Mapped[bool] = mapped_column(Boolean, default=False)
+    daily_quota: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Fair queue bookkeeping: who was served least recently goes first.
+    queued_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_served_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_users_fair", "queued_count", "last_served_at"),)
+
+
+class Guild(Base):
+    """A Discord server (or `local` for the CLI and web) and its settings."""
+
+    __tablename__ = "guilds"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # gallery channel, vote threshold, banned words...
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    """One request to the engine, from submission to its images."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    guild_id: Mapped[str | None] = mapped_column(String(100), default=None)
+    channel_id: Mapped[str | None] = mapped_column(String(100), default=None)
+    message_id: Mapped[str | None] = mapped_column(String(100), default=None)
+    parent_image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", use_alter=True, name="fk_jobs_parent_image_id"), default=None)
+    raw_prompt: Mapped[str] = mapped_column(Text)
+    prompt: Mapped[str] = mapped_column(Text, default="")
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the parsed prompt
+    settings: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # what the engine used
+    model: Mapped[str | None] = mapped_column(String(200), default=None)
+    loras: Mapped[list[Any]] = mapped_column(default=list)
+    route_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    seed: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    lease_owner: Mapped[str | None] = mapped_column(String(100), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+
+    images: Mapped[list[Image]] = relationship(back_populates="job", foreign_keys="Image.job_id",
+                                               order_by="Image.index_in_job", lazy="raise")
+
+    __table_args__ = (
+        CheckConstraint(f"kind IN {JOB_KINDS}", name="ck_jobs_kind"),
+        CheckConstraint(f"status IN {JOB_STATUSES}", name="ck_jobs_status"),
+        Index("ix_jobs_status_priority", "status", "priority", "id"),
+        Index("ix_jobs_user_status", "user_id", "status", "id"),
+        Index("ix_jobs_lease", "status", "lease_expires_at"),
+    )
+
+
+class Image(Base):
+    """One generated image; `parent_image_id` links upscales and variations to their source."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    index_in_job: Mapped[int] = mapped_column(Integer)  # 1..4
+    parent_image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), default=None)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(String(300))  # relative to the image store
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="images", foreign_keys=[job_id], lazy="raise")
+
+    __table_args__ = (Index("uq_images_job_index", "job_id", "index_in_job", unique=True),
+                      Index("ix_images_parent", "parent_image_id"))
+
+
+class Vote(Base):
+    """A community vote: one per user and image."""
+
+    __tablename__ = "votes"
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16), default="cli")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (CheckConstraint("value IN (-1, 1)", name="ck_votes_value"), Index("ix_votes_image", "image_id"))
+
+
+class Favourite(Base):
+    """An image in a user's private collection."""
+
+    __tablename__ = "favourites"
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,238 @@
+"""The job queue is a table: fair claiming under a lease, idempotent completion, recovery after a crash.
+
+Order: upscales first (they are short), then round-robin across users: the user served
+least recently gets their oldest queued job. Every query is index-backed, so claiming
+stays flat as the tables grow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dreamloom.errors import LimitReached, NotAllowed, NotFound
+from storage.models import Image, Job, User, utcnow
+
+UPSCALE_PRIORITY = 1
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What a front door submits; `parameters` is the parsed prompt."""
+
+    kind: str
+    user_id: str
+    raw_prompt: str
+    prompt: str = ""
+    negative_prompt: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    loras: list[Any] = field(default_factory=list)
+    route_reason: str | None = None
+    seed: int | None = None
+    guild_id: str | None = None
+    channel_id: str | None = None
+    message_id: str | None = None
+    parent_image_id: int | None = None
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An image a finished job produced, already written to the image store."""
+
+    index_in_job: int
+    seed: int
+    width: int
+    height: int
+    sha256: str
+    path: str
+    parent_image_id: int | None = None
+
+
+async def ensure_user(session: AsyncSession, user_id: str, display_name: str = "") -> User:
+    """The user row, created on first sight."""
+    user = await session.get(User, user_id)
+    if user is None:
+        user = User(id=user_id, display_name=display_name or user_id, defaults={}, banned=False, queued_count=0)
+        session.add(user)
+        await session.flush()
+    return user
+
+
+async def enqueue(session: AsyncSession, new: NewJob, *, max_queued_per_user: int, daily_quota: int | None = None,
+                  now: datetime | None = None) -> Job:
+    """Insert a queued job after checking the user's limits."""
+    now = now or utcnow()
+    user = await ensure_user(session, new.user_id)
+    if user.banned:
+        raise NotAllowed("You are banned from generating images here.")
+    if user.queued_count >= max_queued_per_user:
+        raise LimitReached(f"You already have {user.queued_count} jobs queued (the limit is {max_queued_per_user}); "
+                           "wait for them to finish or cancel one.")
+    quota = user.daily_quota if user.daily_quota is not None else daily_quota
+    if quota is not None:
+        since = now - timedelta(days=1)
+        used = await session.scalar(select(func.count()).select_from(Job).where(
+            Job.user_id == new.user_id, Job.created_at >= since, Job.status != "cancelled"))
+        if used >= quota:
+            raise LimitReached(f"You have used your daily quota of {quota} jobs; it frees up over the next 24 hours.")
+    job = Job(
+        kind=new.kind, status="queued", priority=UPSCALE_PRIORITY if new.kind == "upscale" else 0, user_id=new.user_id,
+        guild_id=new.guild_id, channel_id=new.channel_id, message_id=new.message_id, parent_image_id=new.parent_image_id,
+        raw_prompt=new.raw_prompt, prompt=new.prompt, negative_prompt=new.negative_prompt, parameters=new.parameters,
+        model=new.model, loras=new.loras, route_reason=new.route_reason, seed=new.seed, attempts=0,
+        max_attempts=new.max_attempts, cancel_requested=False, created_at=now,
+    )
+    session.add(job)
+    await session.execute(update(User).where(User.id == new.user_id).values(queued_count=User.queued_count + 1))
+    await session.flush()
+    return job
+
+
+async def _next_candidate(session: AsyncSession, lock: bool) -> int | None:
+    def first(statement):
+        statement = statement.limit(1)
+        return statement.with_for_update(skip_locked=True) if lock else statement
+
+    # 1. Upscales first: they are short and someone is waiting on a grid they already saw.
+    job_id = await session.scalar(first(select(Job.id).where(Job.status == "queued", Job.priority >= UPSCALE_PRIORITY)
+                                        .order_by(Job.priority.desc(), Job.id)))
+    if job_id is not None:
+        return job_id
+    # 2. Round-robin: the user served least recently, then their oldest queued job.
+    users = (await session.scalars(select(User.id).where(User.queued_count > 0)
+                                   .order_by(User.last_served_at.asc().nulls_first(), User.id).limit(8))).all()
+    for user_id in users:
+        job_id = await session.scalar(first(select(Job.id).where(Job.user_id == user_id, Job.status == "queued")
+                                            .order_by(Job.id)))
+        if job_id is not None:
+            return job_id
+    return None
+
+
+async def claim(session: AsyncSession, worker: str, lease_seconds: float, *, lock: bool = False,
+                now: datetime | None = None) -> Job | None:
+    """Take the next job under a lease, or None when the queue is empty.
+
+    `lock=True` (PostgreSQL) selects with FOR UPDATE SKIP LOCKED so concurrent workers never
+    wait on each other; on SQLite the conditional UPDATE below is the atomic step.
+    """
+    now = now or utcnow()
+    for _ in range(8):
+        job_id = await _next_candidate(session, lock)
+        if job_id is None:
+            return None
+        claimed = await session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "queued")
+            .values(status="running", lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    attempts=Job.attempts + 1, started_at=now)
+            .returning(Job.user_id)
+        )
+        user_id = claimed.scalar()
+        if user_id is not None:
+            await session.execute(update(User).where(User.id == user_id)
+                                  .values(queued_count=User.queued_count - 1, last_served_at=now))
+            return await session.get(Job, job_id, populate_existing=True)
+    return None
+
+
+async def renew_lease(session: AsyncSession, job_id: int, worker: str, lease_seconds: float) -> bool:
+    """Extend the lease of a running job; False when the lease was lost (the job must stop)."""
+    result = await session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running", Job.lease_owner == worker)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
+    return result.rowcount == 1
+
+
+async def complete(session: AsyncSession, job_id: int, worker: str, images: list[NewImage],
+                   settings: dict[str, Any], now: datetime | None = None) -> bool:
+    """Mark a running job done with its images, once: a repeated or late completion changes nothing."""
+    now = now or utcnow()
+    seeds = settings.get("seeds") or [None]
+    result = await session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running", Job.lease_owner == worker)
+        .values(status="done", finished_at=now, settings=settings, model=settings.get("model"), seed=seeds[0],
+                lease_owner=None, lease_expires_at=None, error=None))
+    if result.rowcount != 1:
+        return False
+    session.add_all(Image(job_id=job_id, index_in_job=i.index_in_job, parent_image_id=i.parent_image_id, seed=i.seed,
+                          width=i.width, height=i.height, sha256=i.sha256, path=i.path, created_at=now) for i in images)
+    return True
+
+
+async def fail(session: AsyncSession, job_id: int, worker: str, error: str, *, retry: bool,
+               cancelled: bool = False) -> str | None:
+    """End a running job: back to the queue when `retry` and attempts remain, else failed (or cancelled)."""
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != "running" or job.lease_owner != worker:
+        return None
+    if cancelled:
+        status = "cancelled"
+    elif retry and job.attempts < job.max_attempts:
+        status = "queued"
+    else:
+        status = "failed"
+    job.status, job.error = status, error
+    job.lease_owner = job.lease_expires_at = None
+    if status == "queued":
+        await session.execute(update(User).where(User.id == job.user_id).values(queued_count=User.queued_count + 1))
+    else:
+        job.finished_at = utcnow()
+    return status
+
+
+async def requeue_orphans(session: AsyncSession, *, owner_prefix: str | None = None, now: datetime | None = None) -> list[int]:
+    """Running jobs whose lease expired (or whose owner on this host is gone): back to the queue, or failed
+    after `max_attempts`. Returns the ids put back in the queue."""
+    now = now or utcnow()
+    condition = Job.lease_expires_at < now
+    if owner_prefix:
+        condition = condition | Job.lease_owner.startswith(owner_prefix)
+    orphans = (await session.scalars(select(Job).where(Job.status == "running", condition))).all()
+    requeued = []
+    for job in orphans:
+        job.lease_owner = job.lease_expires_at = None
+        if job.attempts >= job.max_attempts:
+            job.status, job.finished_at = "failed", now
+            job.error = f"Stopped after {job.attempts} attempts (the worker died each time)."
+        else:
+            job.status = "queued"
+            requeued.append(job.id)
+            await session.execute(update(User).where(User.id == job.user_id).values(queued_count=User.queued_count + 1))
+    return requeued
+
+
+async def cancel(session: AsyncSession, job_id: int, user_id: str | None) -> Job:
+    """Cancel a queued job now, or ask a running one to stop; only its owner (or an admin: `user_id=None`) may."""
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise NotFound(f"There is no job {job_id}.")
+    if user_id is not None and job.user_id != user_id:
+        raise NotAllowed(f"Job {job_id} is not yours to cancel.")
+    if job.status == "queued":
+        job.status, job.finished_at, job.error = "cancelled", utcnow(), "Cancelled by the user."
+        await session.execute(update(User).where(User.id == job.user_id).values(queued_count=User.queued_count - 1))
+    elif job.status == "running":
+        job.cancel_requested = True
+    return job
+
+
+async def queue_position(session: AsyncSession, job: Job) -> int:
+    """How many jobs will start before this one (0: it is next), under the fair order."""
+    if job.status != "queued":
+        return 0
+    if job.priority >= UPSCALE_PRIORITY:
+        return await session.scalar(select(func.count()).select_from(Job).where(
+            Job.status == "queued", Job.priority >= UPSCALE_PRIORITY, Job.id < job.id))
+    upscales = await session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == "queued", Job.priority >= UPSCALE_PRIORITY))
+    # The job's rank among its owner's queued jobs; each other user gets at most that many turns first.
+    rank = await session.scalar(select(func.count()).select_from(Job).where(
+        Job.user_id == job.user_id, Job.status == "queued", Job.id < job.id)) + 1
+    rows = (await session.execute(select(User.queued_count).where(User.queued_count > 0, User.id != job.user_id))).scalars()
+    others = sum(min(count, rank) for count in rows)
+    return upscales + others + rank - 1

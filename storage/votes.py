@@ -1,0 +1,69 @@
+"""Community votes and favourites: one vote per user and image, removable."""
+from __future__ import annotations
+
+from sqlalchemy import case, delete, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dreamloom.errors import InvalidRequest, NotFound
+from storage.models import Favourite, Image, Vote, utcnow
+from storage.queue import ensure_user
+
+VOTE_SOURCES = ("reaction", "button", "web", "cli")
+
+
+def _insert(session: AsyncSession, table):
+    return (postgresql_insert if session.bind.dialect.name == "postgresql" else sqlite_insert)(table)
+
+
+async def _require_image(session: AsyncSession, image_id: int) -> None:
+    if not isinstance(image_id, int) or await session.get(Image, image_id) is None:
+        raise NotFound(f"There is no image {image_id}.")
+
+
+async def set_vote(session: AsyncSession, user_id: str, image_id: int, value: int, source: str) -> None:
+    """Record `user_id`'s vote on an image, replacing an earlier one."""
+    if value not in (1, -1):
+        raise InvalidRequest(f"A vote is +1 or -1; got {value}.")
+    if source not in VOTE_SOURCES:
+        raise InvalidRequest(f"Vote source must be one of {', '.join(VOTE_SOURCES)}.")
+    await _require_image(session, image_id)
+    await ensure_user(session, user_id)
+    statement = _insert(session, Vote).values(user_id=user_id, image_id=image_id, value=value, source=source,
+                                                created_at=utcnow())
+    await session.execute(statement.on_conflict_do_update(
+        index_elements=[Vote.user_id, Vote.image_id],
+        set_={"value": statement.excluded.value, "source": statement.excluded.source,
+              "created_at": statement.excluded.created_at}))
+
+
+async def remove_vote(session: AsyncSession, user_id: str, image_id: int) -> bool:
+    """Remove a vote; False when there was none."""
+    result = await session.execute(delete(Vote).where(Vote.user_id == user_id, Vote.image_id == image_id))
+    return result.rowcount == 1
+
+
+async def tally(session: AsyncSession, image_id: int) -> tuple[int, int]:
+    """(up votes, down votes) of an image."""
+    row = (await session.execute(select(
+        func.coalesce(func.sum(case((Vote.value > 0, 1), else_=0)), 0),
+        func.coalesce(func.sum(case((Vote.value < 0, 1), else_=0)), 0)).where(Vote.image_id == image_id))).one()
+    return int(row[0]), int(row[1])
+
+
+async def set_favourite(session: AsyncSession, user_id: str, image_id: int, favourite: bool = True) -> None:
+    """Add an image to (or remove it from) a user's private collection."""
+    await _require_image(session, image_id)
+    await ensure_user(session, user_id)
+    if favourite:
+        await session.execute(_insert(session, Favourite).values(user_id=user_id, image_id=image_id, created_at=utcnow())
+                              .on_conflict_do_nothing(index_elements=[Favourite.user_id, Favourite.image_id]))
+    else:
+        await session.execute(delete(Favourite).where(Favourite.user_id == user_id, Favourite.image_id == image_id))
+
+
+async def favourites(session: AsyncSession, user_id: str) -> list[int]:
+    """Image ids in a user's collection, newest first."""
+    return list((await session.scalars(select(Favourite.image_id).where(Favourite.user_id == user_id)
+                                       .order_by(Favourite.created_at.desc()))).all())

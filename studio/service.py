@@ -1,0 +1,291 @@
+"""The studio: the application services that every front door (CLI, Discord bot, web gallery) calls."""
+from __future__ import annotations
+
+import asyncio
+import re
+import dataclasses
+import random
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from dreamloom.errors import InvalidRequest, NotFound
+from engine.params import parse_prompt
+from engine.registry import Registry, load_registry
+from engine.routing import choose_model
+from storage import queue, votes
+from storage.database import Database, sqlite_url
+from storage.export import ExportFilter, ExportReport, export_dataset
+from storage.files import ImageStore
+from storage.models import Image, Job
+from studio.settings import Settings
+
+TERMINAL = ("done", "failed", "cancelled")
+
+
+@dataclass
+class ImageView:
+    """An image as front doors show it."""
+
+    id: int
+    index: int
+    seed: int
+    width: int
+    height: int
+    path: Path
+    up: int = 0
+    down: int = 0
+
+
+@dataclass
+class JobView:
+    """A job as front doors show it: status, place in the queue, estimated wait, images."""
+
+    id: int
+    kind: str
+    status: str
+    user_id: str
+    raw_prompt: str
+    prompt: str
+    model: str | None
+    seed: int | None
+    parameters: dict[str, Any]
+    settings: dict[str, Any] | None
+    parent_image_id: int | None
+    attempts: int
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    position: int | None = None
+    eta_seconds: float | None = None
+    images: list[ImageView] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable view."""
+        data = dataclasses.asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        data["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
+        for image in data["images"]:
+            image["path"] = str(image["path"])
+        return data
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Published while a job runs: `kind` is queued, started, step, done, failed or cancelled."""
+
+    job_id: int
+    kind: str
+    step: int = 0
+    total: int = 0
+    preview_png: bytes | None = None
+    message: str = ""
+
+
+class Studio:
+    """Jobs, queue, votes and lineage over one database and one image store."""
+
+    def __init__(self, settings: Settings, db: Database, store: ImageStore, registry: Registry) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.registry = registry
+        self._subscribers: dict[int, set[asyncio.Queue]] = defaultdict(set)
+        self._rng = random.SystemRandom()
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Studio:
+        """Connect, apply migrations, open the image store and the model registry."""
+        db = Database(settings.database_url or sqlite_url(settings.data_dir))
+        await db.upgrade()
+        return cls(settings, db, ImageStore(settings.images_dir), load_registry(settings.registry))
+
+    async def close(self) -> None:
+        """Release the database connections."""
+        await self.db.close()
+
+    # -- submitting ------------------------------------------------------------------------------
+
+    async def _enqueue(self, new: queue.NewJob) -> JobView:
+        async with self.db.session() as session:
+            job = await queue.enqueue(session, new, max_queued_per_user=self.settings.max_queued_per_user,
+                                      daily_quota=self.settings.daily_quota)
+            view = await self._view(session, job)
+        self.publish(ProgressEvent(view.id, "queued"))
+        return view
+
+    async def submit_imagine(self, user_id: str, text: str, *, kind: str = "imagine", guild_id: str | None = None,
+                             channel_id: str | None = None) -> JobView:
+        """Check a prompt (syntax, model) and queue it; the seed is fixed now so a rerun makes the same images."""
+        prompt = parse_prompt(text)
+        spec = choose_model(self.registry, prompt)
+        seed = prompt.seed if prompt.seed is not None else self._rng.randrange(0, 2**32 - prompt.n)
+        return await self._enqueue(queue.NewJob(
+            kind=kind, user_id=user_id, raw_prompt=text, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt,
+            parameters=prompt.to_dict(), model=spec.name, seed=seed, guild_id=guild_id, channel_id=channel_id,
+            max_attempts=self.settings.max_attempts,
+            route_reason="explicit --model" if prompt.model else ("--niji" if prompt.niji else "default model"),
+        ))
+
+    async def submit_from_image(self, user_id: str, image_id: int, kind: str, mode: str) -> JobView:
+        """Queue an upscale (`mode` detail/creative) or variations (`mode` subtle/strong) of a stored image."""
+        modes = {"upscale": ("detail", "creative"), "vary": ("subtle", "strong")}
+        if kind not in modes or mode not in modes[kind]:
+            raise InvalidRequest(f"{kind} takes one of {', '.join(modes.get(kind, ()))}; got {mode!r}.")
+        async with self.db.session() as session:
+            image = await session.get(Image, image_id)
+            if image is None:
+                raise NotFound(f"There is no image {image_id}.")
+            source = await session.get(Job, image.job_id)
+        parameters = {**source.parameters, "mode": mode}
+        seed = image.seed if kind == "upscale" else self._rng.randrange(0, 2**32 - 4)
+        return await self._enqueue(queue.NewJob(
+            kind=kind, user_id=user_id, raw_prompt=source.raw_prompt, prompt=source.prompt,
+            negative_prompt=source.negative_prompt, parameters=parameters, model=source.model, seed=seed,
+            guild_id=source.guild_id, channel_id=source.channel_id, parent_image_id=image_id,
+            max_attempts=self.settings.max_attempts, route_reason=f"same model as image {image_id}",
+        ))
+
+    async def submit_reroll(self, user_id: str, job_id: int) -> JobView:
+        """The same prompt again with new seeds."""
+        async with self.db.session() as session:
+            source = await session.get(Job, job_id)
+            if source is None:
+                raise NotFound(f"There is no job {job_id}.")
+        return await self.submit_imagine(user_id, _without_seed(source.raw_prompt), kind="reroll",
+                                         guild_id=source.guild_id, channel_id=source.channel_id)
+
+    async def cancel(self, job_id: int, user_id: str | None) -> JobView:
+        """Cancel a queued job, or ask a running one to stop (owner only; `user_id=None` for admins)."""
+        async with self.db.session() as session:
+            job = await queue.cancel(session, job_id, user_id)
+            view = await self._view(session, job)
+        if view.status == "cancelled":
+            self.publish(ProgressEvent(job_id, "cancelled", message="Cancelled."))
+        return view
+
+    # -- votes and favourites ---------------------------------------------------------------------
+
+    async def vote(self, image_id: int, user_id: str, value: int, source: str = "cli") -> tuple[int, int]:
+        """Record a vote (+1/-1) and return the image's (up, down)."""
+        async with self.db.session() as session:
+            await votes.set_vote(session, user_id, image_id, value, source)
+            return await votes.tally(session, image_id)
+
+    async def unvote(self, image_id: int, user_id: str) -> tuple[int, int]:
+        """Remove a user's vote and return the image's (up, down)."""
+        async with self.db.session() as session:
+            await votes.remove_vote(session, user_id, image_id)
+            return await votes.tally(session, image_id)
+
+    async def favourite(self, image_id: int, user_id: str, favourite: bool = True) -> list[int]:
+        """Add or remove a favourite; returns the user's collection."""
+        async with self.db.session() as session:
+            await votes.set_favourite(session, user_id, image_id, favourite)
+            return await votes.favourites(session, user_id)
+
+    async def set_user_defaults(self, user_id: str, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Per-user default parameters (/settings); validated as prompt parameters."""
+        text = "x " + " ".join(f"--{k} {v}" if v is not True else f"--{k}" for k, v in defaults.items())
+        parse_prompt(text)
+        async with self.db.session() as session:
+            user = await queue.ensure_user(session, user_id)
+            user.defaults = dict(defaults)
+            return user.defaults
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def job(self, job_id: int) -> JobView:
+        """A job with its queue position, ETA and images."""
+        async with self.db.session() as session:
+            job = await session.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"There is no job {job_id}.")
+            return await self._view(session, job)
+
+    async def jobs(self, user_id: str | None = None, status: str | None = None, limit: int = 20) -> list[JobView]:
+        """Newest jobs first, optionally of one user or status."""
+        statement = select(Job).order_by(Job.id.desc()).limit(max(1, min(limit, 500)))
+        if user_id:
+            statement = statement.where(Job.user_id == user_id)
+        if status:
+            statement = statement.where(Job.status == status)
+        async with self.db.session() as session:
+            return [await self._view(session, job, with_position=False) for job in (await session.scalars(statement)).all()]
+
+    async def lineage(self, image_id: int) -> dict[str, Any]:
+        """An image's ancestors (the grids it came from) and descendants (its upscales and variations)."""
+        async with self.db.session() as session:
+            image = await session.get(Image, image_id)
+            if image is None:
+                raise NotFound(f"There is no image {image_id}.")
+            ancestors, current = [], image
+            while current.parent_image_id is not None and len(ancestors) < 100:
+                current = await session.get(Image, current.parent_image_id)
+                ancestors.append({"image_id": current.id, "job_id": current.job_id})
+            descendants, frontier = [], [image.id]
+            while frontier and len(descendants) < 1000:
+                children = (await session.scalars(select(Image).where(Image.parent_image_id.in_(frontier)))).all()
+                descendants += [{"image_id": c.id, "job_id": c.job_id, "parent_image_id": c.parent_image_id} for c in children]
+                frontier = [c.id for c in children]
+            return {"image_id": image.id, "job_id": image.job_id, "ancestors": ancestors, "descendants": descendants}
+
+    async def export(self, folder: Path, fmt: str, filters: ExportFilter) -> ExportReport:
+        """Export the best images as a fine-tuning dataset."""
+        async with self.db.session() as session:
+            return await export_dataset(session, self.store, folder, fmt, filters)
+
+    async def _view(self, session, job: Job, with_position: bool = True) -> JobView:
+        images = (await session.scalars(select(Image).where(Image.job_id == job.id).order_by(Image.index_in_job))).all()
+        views = []
+        for image in images:
+            up, down = await votes.tally(session, image.id)
+            views.append(ImageView(image.id, image.index_in_job, image.seed, image.width, image.height,
+                                   self.store.root / image.path, up, down))
+        position = eta = None
+        if with_position and job.status == "queued":
+            position = await queue.queue_position(session, job)
+            eta = (position + 1) * await self._typical_duration(session, job.kind)
+        return JobView(job.id, job.kind, job.status, job.user_id, job.raw_prompt, job.prompt, job.model, job.seed,
+                       job.parameters, job.settings, job.parent_image_id, job.attempts, job.error, job.created_at,
+                       job.finished_at, position, eta, views)
+
+    async def _typical_duration(self, session, kind: str) -> float:
+        rows = (await session.execute(select(Job.started_at, Job.finished_at).where(
+            Job.status == "done", Job.kind == kind).order_by(Job.id.desc()).limit(20))).all()
+        durations = [(finished - started).total_seconds() for started, finished in rows if started and finished]
+        return round(statistics.median(durations), 2) if durations else 5.0
+
+    # -- progress events (in this process) --------------------------------------------------------
+
+    def subscribe(self, job_id: int) -> asyncio.Queue:
+        """A queue of `ProgressEvent`s for one job; `unsubscribe` when done."""
+        events: asyncio.Queue = asyncio.Queue(maxsize=256)
+        self._subscribers[job_id].add(events)
+        return events
+
+    def unsubscribe(self, job_id: int, events: asyncio.Queue) -> None:
+        """Stop receiving events for a job."""
+        self._subscribers[job_id].discard(events)
+        if not self._subscribers[job_id]:
+            self._subscribers.pop(job_id, None)
+
+    def publish(self, event: ProgressEvent) -> None:
+        """Deliver an event to the job's subscribers; a slow subscriber loses old step events, never the end."""
+        for events in list(self._subscribers.get(event.job_id, ())):
+            if events.full():
+                try:
+                    events.get_nowait()
+                except asyncio.QueueEmpty:
+                    pass
+            events.put_nowait(event)
+
+
+def _without_seed(text: str) -> str:
+    """The raw prompt with any --seed removed (a reroll gets new seeds)."""
+    return re.sub(r"(?:(?<=\s)|^)(?:--|\u2014)seed\s+\S+", "", text).strip()

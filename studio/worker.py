@@ -1,0 +1,201 @@
+"""The worker: claims jobs from the queue, runs them on the engine, stores their images; and `serve`."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import io
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dreamloom.errors import DreamloomError, EngineUnavailable, GenerationCancelled, NotAllowed
+from engine.generation import GenerationResult, ImagineRequest, UpscaleRequest, VaryRequest
+from engine.images import open_image
+from engine.metadata import a1111_parameters, png_bytes
+from engine.params import parse_prompt
+from engine.service import Engine
+from storage import queue
+from storage.models import Image, Job
+from studio.service import ProgressEvent, Studio
+
+log = logging.getLogger(__name__)
+PREVIEW_INTERVAL_S = 0.5
+
+
+class Worker:
+    """Runs queued jobs one at a time on the engine; many workers may share a PostgreSQL database."""
+
+    def __init__(self, studio: Studio, engine: Engine, worker_id: str) -> None:
+        self.studio = studio
+        self.engine = engine
+        self.worker_id = worker_id
+        self.lease_seconds = studio.settings.lease_seconds
+        self.interrupt = threading.Event()  # set on a second shutdown signal: stop the running job
+        self.current_job: int | None = None
+
+    async def run(self, stop: asyncio.Event, idle_seconds: float = 0.5) -> None:
+        """Claim and run jobs until `stop` is set; the running job is finished first."""
+        while not stop.is_set():
+            if not await self.run_one():
+                try:
+                    await asyncio.wait_for(stop.wait(), idle_seconds)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def run_one(self) -> bool:
+        """Run the next job; False when the queue was empty."""
+        async with self.studio.db.session() as session:
+            job = await queue.claim(session, self.worker_id, self.lease_seconds, lock=not self.studio.db.is_sqlite)
+        if job is None:
+            return False
+        self.current_job = job.id
+        cancel = threading.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(job.id, cancel))
+        self.studio.publish(ProgressEvent(job.id, "started"))
+        try:
+            result = await self._generate(job, cancel)
+            images = await asyncio.to_thread(self._store_images, job, result)
+            async with self.studio.db.session() as session:
+                completed = await queue.complete(session, job.id, self.worker_id, images, result.settings.to_dict())
+            if completed:
+                self.studio.publish(ProgressEvent(job.id, "done"))
+            else:
+                log.warning("job %s finished after its lease was lost; its result was dropped", job.id)
+        except GenerationCancelled:
+            requeue = self.interrupt.is_set()
+            message = "Interrupted by a shutdown; it will run again." if requeue else "Cancelled."
+            await self._end(job.id, message, retry=requeue, cancelled=not requeue)
+        except EngineUnavailable as error:
+            await self._end(job.id, str(error), retry=True)
+        except DreamloomError as error:
+            await self._end(job.id, str(error), retry=False)
+        except Exception:
+            log.exception("job %s failed", job.id)
+            await self._end(job.id, "Internal error while generating; it will be retried.", retry=True)
+        finally:
+            heartbeat.cancel()
+            self.current_job = None
+        return True
+
+    async def _end(self, job_id: int, message: str, *, retry: bool, cancelled: bool = False) -> None:
+        async with self.studio.db.session() as session:
+            status = await queue.fail(session, job_id, self.worker_id, message, retry=retry, cancelled=cancelled)
+        if status in ("failed", "cancelled"):
+            self.studio.publish(ProgressEvent(job_id, status, message=message))
+
+    async def _heartbeat(self, job_id: int, cancel: threading.Event) -> None:
+        """Renew the lease while the job runs; a cancel request or a lost lease stops the job."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            async with self.studio.db.session() as session:
+                alive = await queue.renew_lease(session, job_id, self.worker_id, self.lease_seconds)
+                job = await session.get(Job, job_id, populate_existing=True)
+            if not alive or job.cancel_requested:
+                cancel.set()
+
+    async def _generate(self, job: Job, cancel: threading.Event) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        last_preview = [0.0]
+
+        def on_step(progress) -> None:
+            if self.interrupt.is_set():
+                cancel.set()
+            preview_png = None
+            now = time.monotonic()
+            if now - last_preview[0] >= PREVIEW_INTERVAL_S or progress.step == progress.total:
+                last_preview[0] = now
+                image = progress.preview()
+                if image is not None:
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="PNG")
+                    preview_png = buffer.getvalue()
+            loop.call_soon_threadsafe(self.studio.publish,
+                                      ProgressEvent(job.id, "step", progress.step, progress.total, preview_png))
+
+        prompt = parse_prompt(job.raw_prompt, allow_empty=job.kind in ("upscale", "vary"))
+        prompt = dataclasses.replace(prompt, seed=job.seed, model=job.model)
+        mode = job.parameters.get("mode")
+        if job.kind in ("imagine", "reroll"):
+            return await self.engine.imagine_async(ImagineRequest(prompt), on_step, cancel)
+        source = await self._source_image(job.parent_image_id)
+        if job.kind == "vary":
+            return await self.engine.vary_async(VaryRequest(source, dataclasses.replace(prompt, n=4), mode), on_step, cancel)
+        return await self.engine.upscale_async(UpscaleRequest(source, prompt, mode), on_step, cancel)
+
+    async def _source_image(self, image_id: int | None):
+        async with self.studio.db.session() as session:
+            image = await session.get(Image, image_id) if image_id is not None else None
+        if image is None:
+            raise DreamloomError("The source image of this job no longer exists.")
+        return open_image(self.studio.store.read(image.path))
+
+    def _store_images(self, job: Job, result: GenerationResult) -> list[queue.NewImage]:
+        """Write every image (fsynced) before the completing transaction refers to it."""
+        stored = []
+        for index, (image, seed) in enumerate(zip(result.images, result.seeds), start=1):
+            parameters = a1111_parameters(result.settings, seed, image.size)
+            extra = {"job_id": job.id, "index": index, "seed": seed, "raw_prompt": job.raw_prompt,
+                     "settings": result.settings.to_dict()}
+            file = self.studio.store.put(png_bytes(image, parameters, extra))
+            stored.append(queue.NewImage(index, seed, image.width, image.height, file.sha256, file.path,
+                                         parent_image_id=job.parent_image_id))
+        return stored
+
+
+def _lock_data_dir(data_dir: Path):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "serve.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise NotAllowed(f"Another `dreamloom serve` is already running on {data_dir}.") from None
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+async def serve(settings, *, announce=print) -> None:
+    """Run the studio service until SIGTERM/SIGINT: recover, then work through the queue."""
+    lock = _lock_data_dir(Path(settings.data_dir))
+    studio = await Studio.open(settings)
+    host = socket.gethostname()
+    worker_id = f"{host}:{os.getpid()}:{int(time.time())}"
+    try:
+        # 1. Recover: jobs a dead worker of this host held go back to the queue; files without rows go away.
+        async with studio.db.session() as session:
+            requeued = await queue.requeue_orphans(session, owner_prefix=f"{host}:")
+            referenced = set((await session.scalars(select(Image.path))).all())
+        report = await asyncio.to_thread(studio.store.sweep, referenced)
+        if report.missing:
+            log.error("%d image files are missing from %s", len(report.missing), studio.store.root)
+        # 2. The engine, and signals: the first stops claiming, the second interrupts the running job.
+        budget = settings.model_memory_budget_mb * 2**20 if settings.model_memory_budget_mb else None
+        engine = Engine(studio.registry, settings.cache_dir, device=settings.device, memory_budget_bytes=budget)
+        worker = Worker(studio, engine, worker_id)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                worker.interrupt.set()
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        announce(f"dreamloom serve: ready on {studio.db.safe_url} (worker {worker_id}; "
+                 f"{len(requeued)} interrupted job(s) queued again, {len(report.orphans_removed)} stray file(s) removed)")
+        # 3. Work until told to stop.
+        await worker.run(stop)
+        engine.close()
+        announce("dreamloom serve: stopped")
+    finally:
+        await studio.close()
+        lock.close()

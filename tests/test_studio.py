@@ -1,0 +1,255 @@
+"""Storage and the studio on real SQLite and PostgreSQL: queue, fairness, votes, export, migrations."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, inspect, select
+
+from dreamloom.errors import InvalidPrompt, InvalidRequest, LimitReached, NotAllowed, NotFound, UnknownModel
+from storage import queue
+from storage.database import Database
+from storage.export import ExportFilter
+from storage.models import Image, Job
+from studio.service import Studio
+from studio.settings import Settings
+from tests.conftest import ROOT
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def open_studio(database_url: str, tmp_path: Path, **overrides) -> Studio:
+    settings = Settings(data_dir=tmp_path / "data", registry=ROOT / "models.toml", database_url=database_url, **overrides)
+    return await Studio.open(settings)
+
+
+async def finish(studio: Studio, job_id: int, worker: str = "test-worker", count: int = 4) -> list[int]:
+    """Claim-free completion of a specific job with small real PNG files (no engine)."""
+    from engine.images import make_grid  # noqa: F401 - engine is importable without torch here
+    from PIL import Image as PILImage
+    import io
+
+    images = []
+    for index in range(1, count + 1):
+        buffer = io.BytesIO()
+        PILImage.new("RGB", (8, 8), (job_id * 10 % 255, index * 40, 0)).save(buffer, format="PNG")
+        stored = studio.store.put(buffer.getvalue())
+        images.append(queue.NewImage(index, 100 + index, 8, 8, stored.sha256, stored.path))
+    async with studio.db.session() as session:
+        job = await session.get(Job, job_id)
+        if job.status == "queued":
+            (await session.get(queue.User, job.user_id)).queued_count -= 1
+        job.status, job.lease_owner = "running", worker
+        parent = job.parent_image_id
+        images = [queue.NewImage(i.index_in_job, i.seed, 8, 8, i.sha256, i.path, parent) for i in images]
+        assert await queue.complete(session, job_id, worker, images, {"model": job.model, "seeds": [101]})
+    async with studio.db.session() as session:
+        return list((await session.scalars(select(Image.id).where(Image.job_id == job_id).order_by(Image.id))).all())
+
+
+def test_migrations_from_empty_to_head_and_back(database_url):
+    async def scenario():
+        db = Database(database_url)
+        assert await db.revision() is None
+        await db.upgrade()
+        assert await db.revision() == Database.head() == "0001"
+        async with db.engine.connect() as connection:
+            tables = await connection.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+        assert {"jobs", "images", "votes", "users", "guilds", "favourites"} <= tables
+        await db.downgrade("base")
+        assert await db.revision() is None
+        await db.upgrade()  # from the previous revision (empty) again
+        assert await db.revision() == "0001"
+        await db.close()
+
+    run(scenario())
+
+
+def test_fairness_a_big_queue_does_not_starve_a_small_one(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path, max_queued_per_user=100)
+        for i in range(50):
+            await studio.submit_imagine("alice", f"a red circle --seed {i}")
+        bob = await studio.submit_imagine("bob", "a blue star")
+        assert bob.position is not None and bob.position <= 1
+        upscale_source = (await finish(studio, 1))[0]
+        upscale = await studio.submit_from_image("carol", upscale_source, "upscale", "detail")
+        claimed = []
+        async with studio.db.session() as session:
+            for _ in range(4):
+                claimed.append((await queue.claim(session, "w1", 30)).id)
+        assert claimed[0] == upscale.id  # upscales first: they are short
+        assert bob.id in claimed[1:3]  # then round-robin: bob does not wait behind alice's 49 jobs
+        await studio.close()
+
+    run(scenario())
+
+
+def test_claims_are_exclusive_under_concurrency(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path, max_queued_per_user=100)
+        for user in range(6):
+            for i in range(5):
+                await studio.submit_imagine(f"user{user}", f"a red circle --seed {i}")
+
+        async def worker(name):
+            got = []
+            while True:
+                async with studio.db.session() as session:
+                    job = await queue.claim(session, name, 30, lock=not studio.db.is_sqlite)
+                if job is None:
+                    return got
+                got.append(job.id)
+
+        results = await asyncio.gather(*(worker(f"w{i}") for i in range(4)))
+        everything = [job for got in results for job in got]
+        assert sorted(everything) == list(range(1, 31))  # every job once, none twice
+        async with studio.db.session() as session:
+            counts = (await session.execute(select(func.sum(queue.User.queued_count)))).scalar()
+        assert counts == 0
+        await studio.close()
+
+    run(scenario())
+
+
+def test_completion_is_idempotent_and_orphans_are_requeued(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path)
+        job = await studio.submit_imagine("alice", "a red circle --seed 1")
+        async with studio.db.session() as session:
+            claimed = await queue.claim(session, "host-a:1:1", 30)
+        assert claimed.id == job.id and claimed.attempts == 1
+        # The worker dies; a new worker on the same host requeues the job.
+        async with studio.db.session() as session:
+            assert await queue.requeue_orphans(session, owner_prefix="host-a:") == [job.id]
+        async with studio.db.session() as session:
+            again = await queue.claim(session, "host-a:2:2", 30)
+            assert again.id == job.id and again.attempts == 2
+            image = queue.NewImage(1, 1, 8, 8, "0" * 64, "00/00/x.png")
+            assert await queue.complete(session, job.id, "host-a:2:2", [image], {"seeds": [1]})
+        async with studio.db.session() as session:
+            # A late completion (the old worker, or the same one twice) changes nothing.
+            assert not await queue.complete(session, job.id, "host-a:1:1", [image], {"seeds": [1]})
+            assert not await queue.complete(session, job.id, "host-a:2:2", [image], {"seeds": [1]})
+        view = await studio.job(job.id)
+        assert view.status == "done" and len(view.images) == 1
+        await studio.close()
+
+    run(scenario())
+
+
+def test_a_job_that_keeps_crashing_fails_after_max_attempts(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path, max_attempts=2)
+        job = await studio.submit_imagine("alice", "a red circle")
+        for attempt in range(2):
+            async with studio.db.session() as session:
+                assert (await queue.claim(session, f"h:{attempt}:0", 30)).id == job.id
+            async with studio.db.session() as session:
+                await queue.requeue_orphans(session, owner_prefix="h:")
+        view = await studio.job(job.id)
+        assert view.status == "failed" and "2 attempts" in view.error
+        await studio.close()
+
+    run(scenario())
+
+
+def test_concurrent_votes_give_exact_counts(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path)
+        job = await studio.submit_imagine("alice", "a red circle")
+        image_id = (await finish(studio, job.id))[0]
+        voters = [f"user{i}" for i in range(60)]
+        await asyncio.gather(*(studio.vote(image_id, user, 1 if i % 3 else -1, "reaction") for i, user in enumerate(voters)))
+        # Everyone votes again (no doubles), a third flip to up, ten remove their vote.
+        await asyncio.gather(*(studio.vote(image_id, user, 1 if i % 3 else -1, "button") for i, user in enumerate(voters)))
+        await asyncio.gather(*(studio.vote(image_id, user, 1, "web") for user in voters[:30:3]))
+        await asyncio.gather(*(studio.unvote(image_id, user) for user in voters[50:]))
+        up, down = await studio.vote(image_id, "late", 1, "cli")
+        expected_down = sum(1 for i in range(50) if i % 3 == 0 and i >= 30)
+        expected_up = sum(1 for i in range(50) if i % 3 or i < 30) + 1
+        assert (up, down) == (expected_up, expected_down)
+        await studio.close()
+
+    run(scenario())
+
+
+def test_limits_bans_and_bad_input(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path, max_queued_per_user=2, daily_quota=3)
+        first = await studio.submit_imagine("alice", "a red circle")
+        second = await studio.submit_imagine("alice", "a red circle")
+        with pytest.raises(LimitReached, match="2 jobs queued"):
+            await studio.submit_imagine("alice", "a red circle")
+        await finish(studio, first.id)
+        third = await studio.submit_imagine("alice", "a red circle")
+        await finish(studio, second.id)
+        with pytest.raises(LimitReached, match="daily quota of 3"):
+            await studio.submit_imagine("alice", "a red circle")
+        await studio.cancel(third.id, "alice")  # a cancelled job never ran: it gives its quota back
+        await studio.submit_imagine("alice", "a red circle")
+        with pytest.raises(NotAllowed, match="not yours"):
+            await studio.cancel(first.id, "mallory")
+        with pytest.raises(InvalidPrompt, match="--chaos"):
+            await studio.submit_imagine("bob", "a cat --chaos 500")
+        with pytest.raises(UnknownModel, match="Unknown model"):
+            await studio.submit_imagine("bob", "a cat --model nope")
+        with pytest.raises(NotFound, match="no image 999"):
+            await studio.vote(999, "bob", 1)
+        with pytest.raises(NotFound, match="no job 999"):
+            await studio.job(999)
+        image_id = (await studio.job(first.id)).images[0].id
+        with pytest.raises(InvalidRequest, match="got 7"):
+            await studio.vote(image_id, "bob", 7)
+        with pytest.raises(InvalidRequest, match="is a file"):
+            await studio.export(Path("/etc/hostname"), "imagefolder", ExportFilter())
+        with pytest.raises(InvalidRequest, match="format must be one of"):
+            await studio.export(tmp_path / "out", "zip", ExportFilter())
+        async with studio.db.session() as session:
+            (await queue.ensure_user(session, "eve")).banned = True
+        with pytest.raises(NotAllowed, match="banned"):
+            await studio.submit_imagine("eve", "a cat")
+        assert (await studio.job(first.id)).status == "done"  # nothing stored was lost on the way
+        await studio.close()
+
+    run(scenario())
+
+
+def test_export_formats_filters_and_lineage(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path, max_queued_per_user=20)
+        grid = await studio.submit_imagine("alice", "a red circle on a blue background --seed 1")
+        images = await finish(studio, grid.id)
+        for value, voters in ((1, 3), (-1, 2)):
+            for v in range(voters):
+                await studio.vote(images[0] if value > 0 else images[1], f"voter{v}", value)
+        await studio.vote(images[2], "voter0", 1)
+        upscale = await studio.submit_from_image("bob", images[0], "upscale", "detail")
+        upscaled = await finish(studio, upscale.id, count=1)
+        lineage = await studio.lineage(images[0])
+        assert [d["image_id"] for d in lineage["descendants"]] == upscaled
+        assert (await studio.lineage(upscaled[0]))["ancestors"] == [{"image_id": images[0], "job_id": grid.id}]
+
+        report = await studio.export(tmp_path / "hf", "imagefolder", ExportFilter(min_score=1))
+        rows = [json.loads(line) for line in (tmp_path / "hf" / "metadata.jsonl").read_text().splitlines()]
+        assert report.images == 2 and [r["score"] for r in rows] == [3, 1]
+        assert rows[0]["text"] == "a red circle on a blue background" and (tmp_path / "hf" / rows[0]["file_name"]).is_file()
+        await studio.export(tmp_path / "kohya", "kohya", ExportFilter(min_score=1))
+        captions = sorted((tmp_path / "kohya").glob("*.txt"))
+        assert len(captions) == 2 and captions[0].read_text().strip() == "a red circle on a blue background"
+        pairs_report = await studio.export(tmp_path / "pairs", "pairs", ExportFilter())
+        pairs = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+        assert pairs_report.pairs == len(pairs) > 0
+        assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+        assert all((tmp_path / "pairs" / p["chosen"]).is_file() for p in pairs)
+        with pytest.raises(InvalidRequest, match="not empty"):
+            await studio.export(tmp_path / "hf", "imagefolder", ExportFilter())
+        none = await studio.export(tmp_path / "none", "imagefolder", ExportFilter(model="other-model"))
+        assert none.images == 0
+        await studio.close()
+
+    run(scenario())

@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	# Until the studio service exists, the main job is a demo generation with the starter model.
+	# A demo generation with the starter model, then the studio service (Ctrl-C stops it).
 	$(VENV)/bin/dreamloom imagine "a red circle on a blue background --ar 3:2 --seed 7"
+	$(VENV)/bin/dreamloom serve
 
 test: setup postgresql
 	$(PYTHON) -m pytest -q
@@ -33,8 +34,10 @@ postgresql:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
 	  echo "warning: PostgreSQL could not be installed; its tests will fail in CI and be skipped elsewhere"
 
-bench: setup
+bench: setup postgresql
 	$(PYTHON) bench/engine_bench.py
+	$(PYTHON) bench/queue_bench.py
+	$(PYTHON) bench/serve_memory.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -260,3 +260,21 @@ def parse_prompt(text: str, *, allow_empty: bool = False) -> PromptRequest:
         loras=tuple(loras),
         **values,
     )
+
+
+def named_parameters(text: str) -> set[str]:
+    """Canonical names of the parameters a prompt writes out (`--c 5` gives {"chaos"})."""
+    free_text, pairs = _split_parameters(_DASHES.sub("--", text))
+    return {_ALIASES.get(name, name) for name, _ in pairs}
+
+
+def apply_defaults(text: str, defaults: dict[str, Any]) -> str:
+    """`text` with a user's default parameters added where the prompt does not name them itself."""
+    named = named_parameters(text)
+    extra = []
+    for name, value in defaults.items():
+        canonical = _ALIASES.get(name, name)
+        if canonical in named or value in (None, False):
+            continue
+        extra.append(f"--{canonical}" if value is True else f"--{canonical} {value}")
+    return " ".join([text.rstrip(), *extra]) if extra else text

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 
 from dreamloom.errors import InvalidRequest, NotFound
-from engine.params import parse_prompt
+from engine.params import apply_defaults, parse_prompt
 from engine.registry import Registry, load_registry
 from engine.routing import choose_model
 from storage import queue, votes
@@ -121,7 +121,14 @@ class Studio:
 
     async def submit_imagine(self, user_id: str, text: str, *, kind: str = "imagine", guild_id: str | None = None,
                              channel_id: str | None = None) -> JobView:
-        """Check a prompt (syntax, model) and queue it; the seed is fixed now so a rerun makes the same images."""
+        """Check a prompt (syntax, model) and queue it; the seed is fixed now so a rerun makes the same images.
+
+        The user's default parameters (/settings) apply where the prompt does not name them.
+        """
+        async with self.db.session() as session:
+            user = await queue.ensure_user(session, user_id)
+            defaults = dict(user.defaults)
+        text = apply_defaults(text, defaults)
         prompt = parse_prompt(text)
         spec = choose_model(self.registry, prompt)
         seed = prompt.seed if prompt.seed is not None else self._rng.randrange(0, 2**32 - prompt.n)
@@ -190,9 +197,12 @@ class Studio:
             return await votes.favourites(session, user_id)
 
     async def set_user_defaults(self, user_id: str, defaults: dict[str, Any]) -> dict[str, Any]:
-        """Per-user default parameters (/settings); validated as prompt parameters."""
-        text = "x " + " ".join(f"--{k} {v}" if v is not True else f"--{k}" for k, v in defaults.items())
-        parse_prompt(text)
+        """Per-user default parameters (/settings), e.g. {"ar": "16:9", "stylize": 250}; checked like a prompt."""
+        allowed = {"ar", "chaos", "stylize", "cfg", "steps", "q", "n", "sampler", "model", "niji", "tile", "no"}
+        unknown = set(defaults) - allowed
+        if unknown:
+            raise InvalidRequest(f"Unknown default(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}.")
+        parse_prompt(apply_defaults("x", defaults))
         async with self.db.session() as session:
             user = await queue.ensure_user(session, user_id)
             user.defaults = dict(defaults)

@@ -29,7 +29,6 @@ async def open_studio(database_url: str, tmp_path: Path, **overrides) -> Studio:
 
 async def finish(studio: Studio, job_id: int, worker: str = "test-worker", count: int = 4) -> list[int]:
     """Claim-free completion of a specific job with small real PNG files (no engine)."""
-    from engine.images import make_grid  # noqa: F401 - engine is importable without torch here
     from PIL import Image as PILImage
     import io
 
@@ -253,3 +252,22 @@ def test_export_formats_filters_and_lineage(database_url, tmp_path):
         await studio.close()
 
     run(scenario())
+
+
+def test_user_defaults_apply_where_the_prompt_is_silent(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path)
+        await studio.set_user_defaults("alice", {"ar": "16:9", "stylize": 250, "tile": True})
+        plain = await studio.submit_imagine("alice", "a red circle")
+        assert plain.parameters["aspect_ratio"] == "16:9" and plain.parameters["stylize"] == 250 and plain.parameters["tile"]
+        explicit = await studio.submit_imagine("alice", "a red circle --ar 1:1 --s 50")
+        assert explicit.parameters["aspect_ratio"] == "1:1" and explicit.parameters["stylize"] == 50
+        other = await studio.submit_imagine("bob", "a red circle")
+        assert other.parameters["aspect_ratio"] == "1:1"
+        with pytest.raises(InvalidPrompt, match="--chaos"):
+            await studio.set_user_defaults("alice", {"chaos": 500})
+        with pytest.raises(InvalidRequest, match="Unknown default"):
+            await studio.set_user_defaults("alice", {"colour": "red"})
+        await studio.close()
+
+    asyncio.run(scenario())

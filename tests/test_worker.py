@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import signal
 import subprocess
@@ -10,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
 

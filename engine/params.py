@@ -91,6 +91,16 @@ _HELP = {
     "lora": "--lora takes name or name:weight with a weight from -2 to 2 (e.g. --lora outline:0.8)",
     "no": "--no takes the things to leave out, e.g. --no people, fog",
 }
+# Numeric parameters: canonical name -> (request field, lowest, highest, whole number).
+_NUMBERS = {
+    "seed": ("seed", 0, MAX_SEED, True),
+    "chaos": ("chaos", 0, 100, True),
+    "stylize": ("stylize", 0, 1000, True),
+    "cfg": ("cfg", 1, 30, False),
+    "steps": ("steps", 1, 150, True),
+    "n": ("n", 1, 4, True),
+    "iw": ("image_weight", 0, 3, False),
+}
 _PARAM_START = re.compile(r"(?:(?<=\s)|^)--(?=\S)")
 _LORA_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>", re.IGNORECASE)
 _MULTI_PROMPT = re.compile(r"::\s*(-?(?:\d+(?:\.\d*)?|\.\d+))?")
@@ -215,20 +225,10 @@ def parse_prompt(text: str, *, allow_empty: bool = False) -> PromptRequest:
             )
         if canonical == "ar":
             values["aspect_ratio"] = _aspect_ratio(value)
-        elif canonical == "seed":
-            values["seed"] = int(_number("seed", value, 0, MAX_SEED, whole=True))
-        elif canonical == "chaos":
-            values["chaos"] = int(_number("chaos", value, 0, 100, whole=True))
-        elif canonical == "stylize":
-            values["stylize"] = int(_number("stylize", value, 0, 1000, whole=True))
-        elif canonical == "cfg":
-            values["cfg"] = float(_number("cfg", value, 1, 30, whole=False))
-        elif canonical == "steps":
-            values["steps"] = int(_number("steps", value, 1, 150, whole=True))
-        elif canonical == "n":
-            values["n"] = int(_number("n", value, 1, 4, whole=True))
-        elif canonical == "iw":
-            values["image_weight"] = float(_number("iw", value, 0, 3, whole=False))
+        elif canonical in _NUMBERS:
+            field_name, low, high, whole = _NUMBERS[canonical]
+            number = _number(canonical, value, low, high, whole=whole)
+            values[field_name] = int(number) if whole else float(number)
         elif canonical == "q":
             quality = _number("q", value, 0.25, 2, whole=False)
             if quality not in QUALITIES:

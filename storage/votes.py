@@ -44,12 +44,22 @@ async def remove_vote(session: AsyncSession, user_id: str, image_id: int) -> boo
     return result.rowcount == 1
 
 
+async def tallies(session: AsyncSession, image_ids: list[int]) -> dict[int, tuple[int, int]]:
+    """(up votes, down votes) of each image, in one query; images without votes get (0, 0)."""
+    counts = {image_id: (0, 0) for image_id in image_ids}
+    if not image_ids:
+        return counts
+    rows = await session.execute(select(
+        Vote.image_id, func.sum(case((Vote.value > 0, 1), else_=0)), func.sum(case((Vote.value < 0, 1), else_=0)))
+        .where(Vote.image_id.in_(image_ids)).group_by(Vote.image_id))
+    for image_id, up, down in rows:
+        counts[image_id] = (int(up), int(down))
+    return counts
+
+
 async def tally(session: AsyncSession, image_id: int) -> tuple[int, int]:
     """(up votes, down votes) of an image."""
-    row = (await session.execute(select(
-        func.coalesce(func.sum(case((Vote.value > 0, 1), else_=0)), 0),
-        func.coalesce(func.sum(case((Vote.value < 0, 1), else_=0)), 0)).where(Vote.image_id == image_id))).one()
-    return int(row[0]), int(row[1])
+    return (await tallies(session, [image_id]))[image_id]
 
 
 async def set_favourite(session: AsyncSession, user_id: str, image_id: int, favourite: bool = True) -> None:

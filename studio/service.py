@@ -252,11 +252,9 @@ class Studio:
 
     async def _view(self, session, job: Job, with_position: bool = True) -> JobView:
         images = (await session.scalars(select(Image).where(Image.job_id == job.id).order_by(Image.index_in_job))).all()
-        views = []
-        for image in images:
-            up, down = await votes.tally(session, image.id)
-            views.append(ImageView(image.id, image.index_in_job, image.seed, image.width, image.height,
-                                   self.store.root / image.path, up, down))
+        counts = await votes.tallies(session, [image.id for image in images])
+        views = [ImageView(image.id, image.index_in_job, image.seed, image.width, image.height,
+                           self.store.root / image.path, *counts[image.id]) for image in images]
         position = eta = None
         if with_position and job.status == "queued":
             position = await queue.queue_position(session, job)

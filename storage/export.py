@@ -17,7 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dreamloom.errors import InvalidRequest
 from storage.files import ImageStore
-from storage.models import Image, Job, Vote
+from storage.models import Image, Job, Vote, utcnow
+from storage.ranking import rank_key
 
 FORMATS = ("imagefolder", "kohya", "pairs")
 MAX_PAIRS_PER_PROMPT = 16
@@ -55,7 +56,7 @@ def check_target(folder: Path) -> Path:
 
 
 async def scored_images(session: AsyncSession, filters: ExportFilter) -> list[dict]:
-    """Images of finished jobs with their votes, best first, one per distinct file (sha256)."""
+    """Images of finished jobs with their votes, best first (the community ranking), one per distinct file."""
     up = func.coalesce(func.sum(case((Vote.value > 0, 1), else_=0)), 0)
     down = func.coalesce(func.sum(case((Vote.value < 0, 1), else_=0)), 0)
     statement = (select(Image, Job, up.label("up"), down.label("down"))
@@ -72,7 +73,8 @@ async def scored_images(session: AsyncSession, filters: ExportFilter) -> list[di
     rows = []
     for image, job, ups, downs in (await session.execute(statement)).all():
         rows.append({"image": image, "job": job, "up": int(ups), "down": int(downs), "score": int(ups) - int(downs)})
-    rows.sort(key=lambda r: (-r["score"], -r["image"].id))
+    now = utcnow()
+    rows.sort(key=lambda r: rank_key(r["up"], r["down"], r["image"].created_at, now))
     unique, seen = [], set()
     for row in rows:
         if row["image"].sha256 not in seen:

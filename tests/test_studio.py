@@ -271,3 +271,14 @@ def test_user_defaults_apply_where_the_prompt_is_silent(database_url, tmp_path):
         await studio.close()
 
     asyncio.run(scenario())
+
+
+def test_times_come_back_as_utc(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path)
+        job = await studio.submit_imagine("alice", "a red circle")
+        again = await studio.job(job.id)
+        assert again.created_at.tzinfo is not None and again.created_at.utcoffset().total_seconds() == 0
+        await studio.close()
+
+    asyncio.run(scenario())

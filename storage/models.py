@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -127,11 +127,17 @@ class Image(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     path: Mapped[str] = mapped_column(String(300))  # relative to the image store
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Denormalised from `votes` in the same transaction as each vote, so ranking is an index scan.
+    up_votes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    down_votes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    score: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # Wilson lower bound
 
     job: Mapped[Job] = relationship(back_populates="images", foreign_keys=[job_id], lazy="raise")
 
     __table_args__ = (Index("uq_images_job_index", "job_id", "index_in_job", unique=True),
-                      Index("ix_images_parent", "parent_image_id"))
+                      Index("ix_images_parent", "parent_image_id"),
+                      Index("ix_images_score", "score", "id"),
+                      Index("ix_images_created", "created_at"))
 
 
 class Vote(Base):

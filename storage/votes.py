@@ -1,7 +1,7 @@
 """Community votes and favourites: one vote per user and image, removable."""
 from __future__ import annotations
 
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from dreamloom.errors import InvalidRequest, NotFound
 from storage.models import Favourite, Image, Vote, utcnow
 from storage.queue import ensure_user
+from storage.ranking import wilson_lower_bound
 
 VOTE_SOURCES = ("reaction", "button", "web", "cli")
 
@@ -36,12 +37,22 @@ async def set_vote(session: AsyncSession, user_id: str, image_id: int, value: in
         index_elements=[Vote.user_id, Vote.image_id],
         set_={"value": statement.excluded.value, "source": statement.excluded.source,
               "created_at": statement.excluded.created_at}))
+    await _refresh_counts(session, image_id)
 
 
 async def remove_vote(session: AsyncSession, user_id: str, image_id: int) -> bool:
     """Remove a vote; False when there was none."""
     result = await session.execute(delete(Vote).where(Vote.user_id == user_id, Vote.image_id == image_id))
+    if result.rowcount == 1:
+        await _refresh_counts(session, image_id)
     return result.rowcount == 1
+
+
+async def _refresh_counts(session: AsyncSession, image_id: int) -> None:
+    # Recounted (not incremented) in the vote's own transaction: always equal to the votes table.
+    up, down = await tally(session, image_id)
+    await session.execute(update(Image).where(Image.id == image_id)
+                          .values(up_votes=up, down_votes=down, score=wilson_lower_bound(up, down)))
 
 
 async def tallies(session: AsyncSession, image_ids: list[int]) -> dict[int, tuple[int, int]]:

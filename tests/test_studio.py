@@ -55,14 +55,14 @@ def test_migrations_from_empty_to_head_and_back(database_url):
         db = Database(database_url)
         assert await db.revision() is None
         await db.upgrade()
-        assert await db.revision() == Database.head() == "0001"
+        assert await db.revision() == Database.head() == "0002"
         async with db.engine.connect() as connection:
             tables = await connection.run_sync(lambda sync: set(inspect(sync).get_table_names()))
         assert {"jobs", "images", "votes", "users", "guilds", "favourites"} <= tables
         await db.downgrade("base")
         assert await db.revision() is None
-        await db.upgrade()  # from the previous revision (empty) again
-        assert await db.revision() == "0001"
+        await db.upgrade()
+        assert await db.revision() == "0002"
         await db.close()
 
     run(scenario())
@@ -157,6 +157,36 @@ def test_a_job_that_keeps_crashing_fails_after_max_attempts(database_url, tmp_pa
     run(scenario())
 
 
+def test_upgrade_from_the_previous_revision_keeps_data_and_backfills_counts(database_url, tmp_path):
+    async def scenario():
+        from sqlalchemy import text
+
+        db = Database(database_url)
+        await db.upgrade("0001")
+        async with db.session() as session:
+            for statement in (
+                "INSERT INTO users (id, display_name, defaults, banned, queued_count, created_at) "
+                "VALUES ('u1', 'u1', '{}', false, 0, CURRENT_TIMESTAMP), ('u2', 'u2', '{}', false, 0, CURRENT_TIMESTAMP)",
+                "INSERT INTO jobs (id, kind, status, priority, user_id, raw_prompt, prompt, negative_prompt, parameters, "
+                "loras, attempts, max_attempts, cancel_requested, created_at) VALUES (1, 'imagine', 'done', 0, 'u1', "
+                "'a cat', 'a cat', '', '{}', '[]', 1, 3, false, CURRENT_TIMESTAMP)",
+                "INSERT INTO images (id, job_id, index_in_job, seed, width, height, sha256, path, created_at) "
+                "VALUES (1, 1, 1, 5, 64, 64, 'abc', 'ab/c.png', CURRENT_TIMESTAMP)",
+                "INSERT INTO votes (user_id, image_id, value, source, created_at) VALUES "
+                "('u1', 1, 1, 'cli', CURRENT_TIMESTAMP), ('u2', 1, 1, 'cli', CURRENT_TIMESTAMP)",
+            ):
+                await session.execute(text(statement))
+        await db.upgrade()
+        assert await db.revision() == "0002"
+        async with db.session() as session:
+            image = await session.get(Image, 1)
+            assert (image.up_votes, image.down_votes) == (2, 0) and image.score > 0.3
+            assert (await session.get(Job, 1)).raw_prompt == "a cat"
+        await db.close()
+
+    run(scenario())
+
+
 def test_concurrent_votes_give_exact_counts(database_url, tmp_path):
     async def scenario():
         studio = await open_studio(database_url, tmp_path)
@@ -169,6 +199,9 @@ def test_concurrent_votes_give_exact_counts(database_url, tmp_path):
         await asyncio.gather(*(studio.vote(image_id, user, 1, "web") for user in voters[:30:3]))
         await asyncio.gather(*(studio.unvote(image_id, user) for user in voters[50:]))
         up, down = await studio.vote(image_id, "late", 1, "cli")
+        async with studio.db.session() as session:
+            image = await session.get(Image, image_id)
+            assert (image.up_votes, image.down_votes) == (up, down)  # the denormalised counts agree
         expected_down = sum(1 for i in range(50) if i % 3 == 0 and i >= 30)
         expected_up = sum(1 for i in range(50) if i % 3 or i < 30) + 1
         assert (up, down) == (expected_up, expected_down)

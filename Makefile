@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test setup bench clean postgresql
+.PHONY: run test setup bench clean system-packages
 
 setup: $(STAMP)
 
@@ -25,16 +25,22 @@ run: setup
 	$(VENV)/bin/dreamloom imagine "a red circle on a blue background --ar 3:2 --seed 7"
 	$(VENV)/bin/dreamloom serve
 
-test: setup postgresql
+test: setup system-packages
 	$(PYTHON) -m pytest -q
 
-# The PostgreSQL tests start a private server from the Debian package's binaries.
-postgresql:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
-	  echo "warning: PostgreSQL could not be installed; its tests will fail in CI and be skipped elsewhere"
+# Tests need a PostgreSQL server (a private one is started from the Debian package's binaries) and a
+# headless Chromium (Debian's, driven by Playwright). Installed here when missing.
+system-packages:
+	@missing=""; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	  test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || \
+	    echo "warning: could not install$$missing; those tests fail in CI and are skipped elsewhere"; \
+	  fi
 
-bench: setup postgresql
+bench: setup system-packages
 	$(PYTHON) bench/engine_bench.py
 	$(PYTHON) bench/queue_bench.py
 	$(PYTHON) bench/serve_memory.py

@@ -115,7 +115,12 @@ def cmd_serve(args, settings) -> dict[str, Any]:
     from studio.worker import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(settings, announce=lambda line: print(line, flush=True)))
+    front_doors = []
+    if settings.gallery_port:
+        from gallery.app import start_gallery  # the composition root wires the front doors
+
+        front_doors.append(start_gallery)
+    asyncio.run(serve(settings, announce=lambda line: print(line, flush=True), front_doors=front_doors))
     return {"stopped": True}
 
 

@@ -22,6 +22,7 @@ from storage import queue, votes
 from storage.database import Database, sqlite_url
 from storage.export import ExportFilter, ExportReport, export_dataset
 from storage.files import ImageStore
+from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
 from storage.models import Image, Job
 from studio.settings import Settings
 
@@ -244,6 +245,44 @@ class Studio:
                 descendants += [{"image_id": c.id, "job_id": c.job_id, "parent_image_id": c.parent_image_id} for c in children]
                 frontier = [c.id for c in children]
             return {"image_id": image.id, "job_id": image.job_id, "ancestors": ancestors, "descendants": descendants}
+
+    # -- the gallery ------------------------------------------------------------------------------
+
+    def hidden_models(self) -> tuple[str, ...]:
+        """Models whose images the gallery does not show (tagged `nsfw`, unless configured to)."""
+        if self.settings.gallery_show_nsfw:
+            return ()
+        return tuple(sorted(name for name, spec in self.registry.models.items() if "nsfw" in spec.tags))
+
+    async def gallery(self, query: GalleryQuery) -> tuple[list[GalleryItem], bool]:
+        """A page of the community gallery (and whether more follow)."""
+        query = dataclasses.replace(query, hidden_models=self.hidden_models())
+        async with self.db.session() as session:
+            return await gallery_page(session, query)
+
+    async def image_detail(self, image_id: int) -> dict[str, Any]:
+        """Everything an image page shows; images the gallery hides are not found."""
+        async with self.db.session() as session:
+            image = await session.get(Image, image_id)
+            job = await session.get(Job, image.job_id) if image else None
+            owner = await session.get(queue.User, job.user_id) if job else None
+            public = job is not None and (job.guild_id is None or job.guild_id in await public_guilds(session))
+            if image is None or job.status != "done" or owner.banned or job.model in self.hidden_models() or not public:
+                raise NotFound(f"There is no image {image_id}.")
+            siblings = (await session.scalars(select(Image).where(Image.job_id == job.id).order_by(Image.index_in_job))).all()
+            children = (await session.execute(select(Image.id, Job.kind).join(Job, Image.job_id == Job.id)
+                                              .where(Image.parent_image_id == image.id, Job.status == "done")
+                                              .order_by(Image.id))).all()
+        return {
+            "id": image.id, "job_id": job.id, "index": image.index_in_job, "seed": image.seed, "width": image.width,
+            "height": image.height, "sha256": image.sha256, "path": image.path, "created_at": image.created_at.isoformat(),
+            "up": image.up_votes, "down": image.down_votes, "score": round(image.score, 4), "user_id": job.user_id,
+            "kind": job.kind, "prompt": job.prompt, "raw_prompt": job.raw_prompt, "negative_prompt": job.negative_prompt,
+            "model": job.model, "loras": job.loras, "route_reason": job.route_reason, "settings": job.settings or {},
+            "parent_image_id": image.parent_image_id,
+            "siblings": [{"id": s.id, "index": s.index_in_job} for s in siblings if s.id != image.id],
+            "children": [{"id": child_id, "kind": kind} for child_id, kind in children],
+        }
 
     async def export(self, folder: Path, fmt: str, filters: ExportFilter) -> ExportReport:
         """Export the best images as a fine-tuning dataset."""

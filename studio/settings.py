@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=1, description="A running job's lease; renewed while it runs.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job before it is marked failed.")
 
+    gallery_host: str = Field("127.0.0.1", description="Address the web gallery listens on (loopback by default).")
+    gallery_port: int = Field(8765, ge=0, le=65535, description="Port of the web gallery (0: do not serve it).")
+    gallery_show_nsfw: bool = Field(False, description="Show images from models tagged `nsfw` in the gallery.")
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:

@@ -162,8 +162,11 @@ def _lock_data_dir(data_dir: Path):
     return handle
 
 
-async def serve(settings, *, announce=print) -> None:
-    """Run the studio service until SIGTERM/SIGINT: recover, then work through the queue."""
+async def serve(settings, *, announce=print, front_doors=()) -> None:
+    """Run the studio service until SIGTERM/SIGINT: recover, start the front doors, work through the queue.
+
+    Each front door is `async start(studio, settings) -> cleanup coroutine function`, e.g. the web gallery.
+    """
     lock = _lock_data_dir(Path(settings.data_dir))
     studio = await Studio.open(settings)
     host = socket.gethostname()
@@ -190,10 +193,13 @@ async def serve(settings, *, announce=print) -> None:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        cleanups = [await start(studio, settings, announce) for start in front_doors]
         announce(f"dreamloom serve: ready on {studio.db.safe_url} (worker {worker_id}; "
                  f"{len(requeued)} interrupted job(s) queued again, {len(report.orphans_removed)} stray file(s) removed)")
         # 3. Work until told to stop.
         await worker.run(stop)
+        for cleanup in cleanups:
+            await cleanup()
         engine.close()
         announce("dreamloom serve: stopped")
     finally:

@@ -1,0 +1,1 @@
+"""The web gallery: a thin aiohttp front door over the studio."""

@@ -1,0 +1,101 @@
+"""Gallery queries: the community's images ranked by votes, with privacy filters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dreamloom.errors import InvalidRequest
+from storage.models import Guild, Image, Job, User, utcnow
+from storage.ranking import rank_key
+
+PERIODS = {"day": timedelta(days=1), "week": timedelta(days=7), "all": None, "new": None}
+MAX_PAGE = 1000
+MAX_PER_PAGE = 100
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One image on a gallery page."""
+
+    image_id: int
+    job_id: int
+    prompt: str
+    model: str | None
+    user_id: str
+    up: int
+    down: int
+    score: float
+    width: int
+    height: int
+    path: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class GalleryQuery:
+    """What a gallery page shows: a period, optional model / member / guild, and what stays hidden."""
+
+    period: str = "day"
+    page: int = 1
+    per_page: int = 24
+    model: str | None = None
+    user_id: str | None = None
+    guild_id: str | None = None
+    hidden_models: tuple[str, ...] = ()
+
+    def check(self) -> GalleryQuery:
+        """Refuse out-of-range pages and unknown periods (front doors answer 400)."""
+        if self.period not in PERIODS:
+            raise InvalidRequest(f"period must be one of {', '.join(PERIODS)}; got {self.period!r}.")
+        if not 1 <= self.page <= MAX_PAGE:
+            raise InvalidRequest(f"page must be from 1 to {MAX_PAGE}; got {self.page}.")
+        if not 1 <= self.per_page <= MAX_PER_PAGE:
+            raise InvalidRequest(f"per_page must be from 1 to {MAX_PER_PAGE}; got {self.per_page}.")
+        return self
+
+
+async def public_guilds(session: AsyncSession) -> list[str]:
+    """Guilds that opted into the public gallery."""
+    guilds = (await session.scalars(select(Guild))).all()
+    return [g.id for g in guilds if g.settings.get("public_gallery")]
+
+
+async def gallery_page(session: AsyncSession, query: GalleryQuery, now: datetime | None = None) -> tuple[list[GalleryItem], bool]:
+    """One page of images and whether another page follows."""
+    query.check()
+    now = now or utcnow()
+    statement = (select(Image, Job.prompt, Job.model, Job.user_id)
+                 .join(Job, Image.job_id == Job.id).join(User, Job.user_id == User.id)
+                 .where(Job.status == "done", User.banned.is_(False)))
+    if query.hidden_models:
+        statement = statement.where(or_(Job.model.is_(None), Job.model.not_in(query.hidden_models)))
+    if query.guild_id:
+        statement = statement.where(Job.guild_id == query.guild_id)
+    else:
+        # The public gallery: local (CLI, web) images and guilds that opted in.
+        statement = statement.where(or_(Job.guild_id.is_(None), Job.guild_id.in_(await public_guilds(session))))
+    if query.model:
+        statement = statement.where(Job.model == query.model)
+    if query.user_id:
+        statement = statement.where(Job.user_id == query.user_id)
+    start = (query.page - 1) * query.per_page
+    window = PERIODS[query.period]
+    if query.period == "new":
+        rows = (await session.execute(statement.order_by(Image.id.desc()).offset(start).limit(query.per_page + 1))).all()
+    elif window is None:
+        rows = (await session.execute(statement.order_by(Image.score.desc(), Image.id.desc())
+                                      .offset(start).limit(query.per_page + 1))).all()
+    else:
+        # Candidates by score within the window, then the time decay re-ranks them.
+        cap = max(200, 4 * (start + query.per_page + 1))
+        candidates = (await session.execute(statement.where(Image.created_at >= now - window)
+                                            .order_by(Image.score.desc(), Image.id.desc()).limit(cap))).all()
+        candidates.sort(key=lambda row: rank_key(row[0].up_votes, row[0].down_votes, row[0].created_at, now, query.period))
+        rows = candidates[start:start + query.per_page + 1]
+    items = [GalleryItem(image.id, image.job_id, prompt, model, user_id, image.up_votes, image.down_votes, image.score,
+                         image.width, image.height, image.path, image.created_at)
+             for image, prompt, model, user_id in rows[: query.per_page]]
+    return items, len(rows) > query.per_page

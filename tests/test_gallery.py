@@ -1,0 +1,239 @@
+"""The web gallery in a real headless Chromium against a real `dreamloom serve`, plus its JSON API."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from studio.service import Studio
+from studio.settings import Settings
+from tests.conftest import ROOT
+
+DREAMLOOM = Path(sys.executable).parent / "dreamloom"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, bytes, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), dict(error.headers)
+
+
+class Site:
+    """A running `dreamloom serve` with the gallery, and the studio over the same data for test set-up."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.data = tmp / "data"
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        registry = tmp / "models.toml"
+        starter = ROOT / "models" / "starter-shapes"
+        registry.write_text(
+            'default = "starter-shapes"\n'
+            f'[[models]]\nname = "starter-shapes"\npath = "{starter}"\nfamily = "starter"\n'
+            f'[[models]]\nname = "starter-nsfw"\npath = "{starter}"\nfamily = "starter"\ntags = ["nsfw"]\n')
+        self.env = {**os.environ, "DREAMLOOM_DATA_DIR": str(self.data), "DREAMLOOM_REGISTRY": str(registry),
+                    "DREAMLOOM_GALLERY_PORT": str(self.port), "DREAMLOOM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+                    "DREAMLOOM_MAX_QUEUED_PER_USER": "50"}
+        self.env.pop("DREAMLOOM_CONFIG", None)
+        self.settings = Settings(data_dir=self.data, registry=registry, max_queued_per_user=50)
+        self.process = subprocess.Popen([str(DREAMLOOM), "serve"], env=self.env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if _get(self.base + "/")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("the gallery did not start")
+
+    def studio(self, work):
+        async def run():
+            studio = await Studio.open(self.settings)
+            try:
+                return await work(studio)
+            finally:
+                await studio.close()
+
+        return asyncio.run(run())
+
+    def wait_done(self, job_id: int, timeout: float = 180) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = json.loads(_get(f"{self.base}/api/jobs/{job_id}")[1])
+            if job["status"] in ("done", "failed", "cancelled"):
+                return job
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} did not finish")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.communicate(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    site = Site(tmp_path_factory.mktemp("gallery"))
+    grid = site.studio(lambda s: s.submit_imagine("alice", "a red circle on a blue background --seed 7 --steps 10"))
+    site.grid = site.wait_done(grid.id)
+    first = site.grid["images"][0]["id"]
+    upscale = site.studio(lambda s: s.submit_from_image("bob", first, "upscale", "detail"))
+    site.upscale = site.wait_done(upscale.id)
+    yield site
+    site.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("Chromium must be installed in CI (make test installs Debian's chromium).")
+        pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def test_browse_the_gallery_open_an_image_and_follow_its_lineage(site, browser):
+    page = browser.new_page()
+    page.goto(site.base + "/?period=all")
+    cards = page.locator("#grid .card")
+    assert cards.count() >= 5  # the grid's four images and the upscale
+    assert page.locator("#grid .card img").first.evaluate("img => img.naturalWidth") > 0
+    source = site.grid["images"][0]["id"]
+    page.goto(f"{site.base}/image/{source}")
+    assert page.inner_text("#prompt") == "a red circle on a blue background"
+    assert page.inner_text("#seed") == "7"
+    assert page.locator("a.sibling").count() == 3
+    page.click("a.child")  # its upscale
+    assert page.url.endswith(f"/image/{site.upscale['images'][0]['id']}")
+    assert page.locator("#image").evaluate("img => img.naturalWidth") == 128
+    page.click("a.parent")
+    assert page.url.endswith(f"/image/{source}")
+    page.close()
+
+
+def test_vote_from_the_image_page(site, browser):
+    page = browser.new_page()
+    image_id = site.grid["images"][2]["id"]
+    page.goto(f"{site.base}/image/{image_id}")
+    page.click("#up")
+    page.wait_for_function("document.querySelector('#up span').textContent === '1'")
+    page.click("#up")  # a second click takes the vote back
+    page.wait_for_function("document.querySelector('#up span').textContent === '0'")
+    page.close()
+
+
+def test_imagine_form_shows_progress_and_the_result(site, browser):
+    page = browser.new_page()
+    page.goto(site.base + "/imagine")
+    page.fill("#prompt-input", "a yellow star on a purple background --steps 30 --seed 5")
+    page.click("#submit")
+    assert "/jobs/" in page.url
+    page.wait_for_selector("#results .card", timeout=120_000)
+    assert page.locator("#results .card").count() == 4
+    page.goto(site.base + "/imagine")
+    page.fill("#prompt-input", "a cat --chaos 400")
+    page.click("#submit")
+    assert "--chaos takes a whole number from 0 to 100" in page.inner_text("#error")
+    page.close()
+
+
+def test_pages_read_without_javascript(site, browser):
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(site.base + "/?period=new")
+    assert page.locator("#grid .card").count() >= 5
+    page.goto(f"{site.base}/image/{site.grid['images'][1]['id']}")
+    assert page.inner_text("#seed") == "8"
+    context.close()
+
+
+def test_json_api_and_ranking_by_votes(site):
+    a, b = site.grid["images"][0]["id"], site.grid["images"][1]["id"]
+
+    async def vote(studio):
+        for i in range(3):
+            await studio.vote(a, f"fan{i}", 1)
+        for i in range(30):
+            await studio.vote(b, f"crowd{i}", 1 if i < 16 else -1)
+
+    site.studio(vote)
+    status, body, _ = _get(site.base + "/api/gallery?period=all&per_page=3")
+    items = json.loads(body)["items"]
+    assert status == 200 and [i["id"] for i in items[:2]] == [a, b]  # 3 up / 0 down beats 16 up / 14 down
+    detail = json.loads(_get(f"{site.base}/api/images/{a}")[1])
+    assert detail["up"] == 3 and detail["seed"] == 7 and "path" not in detail
+    status, _, headers = _get(f"{site.base}/files/{a}.png")
+    assert status == 200 and "immutable" in headers["Cache-Control"]
+    status, body, headers = _get(f"{site.base}/thumbs/{a}.webp")
+    assert status == 200 and headers["Content-Type"] == "image/webp" and body[:4] == b"RIFF"
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("/image/../../etc/passwd", 404), ("/files/..%2F..%2Fetc%2Fpasswd", 404), ("/files/%2e%2e/x.png", 404),
+    ("/files/1.png/../../../etc/passwd", 404), ("/%2e%2e/%2e%2e/etc/passwd", 404), ("/image/999999", 404),
+    ("/api/images/999999", 404), ("/api/jobs/999999", 404), ("/files/999999.png", 404), ("/image/abc", 404),
+    ("/model/..%2F..%2Fetc", 404), ("/?page=99999999", 400), ("/?page=-1", 400), ("/?page=1001", 400),
+    ("/?period=forever", 400), ("/api/gallery?per_page=100000", 400), ("/image/1" + "1" * 30, 404),
+])
+def test_hostile_urls_get_404_or_400(site, path, expected):
+    request = urllib.request.Request(site.base + path)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    assert status == expected
+
+
+def test_banned_members_nsfw_models_and_private_guilds_are_hidden(site):
+    nsfw = site.studio(lambda s: s.submit_imagine("carol", "a green square --model starter-nsfw --steps 4 --n 1"))
+    hidden = site.wait_done(nsfw.id)["images"][0]["id"]
+    assert _get(f"{site.base}/image/{hidden}")[0] == 404
+    assert _get(f"{site.base}/files/{hidden}.png")[0] == 404
+    visible = site.grid["images"][3]["id"]
+    assert _get(f"{site.base}/image/{visible}")[0] == 200
+
+    async def ban(studio):
+        from storage.queue import ensure_user
+
+        async with studio.db.session() as session:
+            (await ensure_user(session, "alice")).banned = True
+
+    site.studio(ban)
+    assert _get(f"{site.base}/image/{visible}")[0] == 404
+    listed = {i["id"] for i in json.loads(_get(site.base + "/api/gallery?period=new&per_page=100")[1])["items"]}
+    assert visible not in listed and hidden not in listed
+
+    async def unban(studio):
+        from storage.queue import ensure_user
+
+        async with studio.db.session() as session:
+            (await ensure_user(session, "alice")).banned = False
+
+    site.studio(unban)
+    assert _get(f"{site.base}/image/{visible}")[0] == 200

@@ -44,6 +44,7 @@ bench: setup system-packages
 	$(PYTHON) bench/engine_bench.py
 	$(PYTHON) bench/queue_bench.py
 	$(PYTHON) bench/serve_memory.py
+	$(PYTHON) bench/gallery_bench.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

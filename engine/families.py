@@ -23,7 +23,8 @@ class Family:
 
 _SD_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "lcm")
 FAMILIES: dict[str, Family] = {
-    "starter": Family("starter", 64, 16, 20, 7.5, "dpmpp_2m", _SD_SAMPLERS, 4),
+    # Guidance 5 measured best for the starter model (shape colour 99.6% vs 86.7% at 7.5, 70% at 11).
+    "starter": Family("starter", 64, 16, 20, 5.0, "dpmpp_2m", _SD_SAMPLERS, 4),
     "sd15": Family("sd15", 512, 32, 25, 7.0, "dpmpp_2m_karras", _SD_SAMPLERS, 8),
     "sdxl": Family("sdxl", 1024, 64, 30, 6.0, "dpmpp_2m_karras", _SD_SAMPLERS, 8),
     # FLUX is a flow-matching model: only its own Euler sampler applies.

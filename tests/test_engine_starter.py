@@ -168,7 +168,7 @@ def test_stylize_maps_to_guidance(engine):
     literal = engine.imagine(ImagineRequest(prompt("a red circle --n 1 --steps 2 --s 0 --seed 1")))
     free = engine.imagine(ImagineRequest(prompt("a red circle --n 1 --steps 2 --s 1000 --seed 1")))
     explicit = engine.imagine(ImagineRequest(prompt("a red circle --n 1 --steps 2 --s 1000 --cfg 3 --seed 1")))
-    assert literal.settings.cfg > 7.5 > free.settings.cfg
+    assert literal.settings.cfg > 5.0 > free.settings.cfg  # the starter's default guidance is 5
     assert explicit.settings.cfg == 3
 
 
@@ -180,11 +180,16 @@ def test_multi_prompt_weights_change_the_image(engine):
 
 
 def test_image_prompt_weight_pulls_toward_the_image(engine, grid):
+    # Same colours, another shape: a heavier --iw keeps more of the image's composition.
     source = grid.images[0]
-    heavy = imagine(engine, "a green square on a white background --seed 3 --n 1 --iw 2.5", init_image=source)
-    light = imagine(engine, "a green square on a white background --seed 3 --n 1 --iw 0.5", init_image=source)
-    assert heavy.settings.strength < light.settings.strength
-    assert mean_abs_diff(heavy.images[0], source) < mean_abs_diff(light.images[0], source)
+    heavy = [imagine(engine, f"a red square on a blue background --seed {s} --n 1 --iw 2.5", init_image=source)
+             for s in (3, 4)]
+    light = [imagine(engine, f"a red square on a blue background --seed {s} --n 1 --iw 0.5", init_image=source)
+             for s in (3, 4)]
+    assert heavy[0].settings.strength < light[0].settings.strength
+    heavy_distance = np.mean([mean_abs_diff(r.images[0], source) for r in heavy])
+    light_distance = np.mean([mean_abs_diff(r.images[0], source) for r in light])
+    assert heavy_distance < light_distance
 
 
 def test_async_callers_are_not_blocked(engine):

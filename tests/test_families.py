@@ -34,7 +34,7 @@ def test_single_file_is_detected_as_sd15(single_file):
 def test_single_file_checkpoint_gives_the_same_pixels_as_the_folder(registry, single_file, tmp_path, engine):
     starter = registry.get("starter-shapes")
     path = registry_file(tmp_path, [{"name": "starter-single", "path": str(single_file), "family": "sd15",
-                                     "config": str(starter.path), "defaults": {"size": 64, "steps": 20, "sampler": "dpmpp_2m", "cfg": 7.5}}])
+                                     "config": str(starter.path), "defaults": {"size": 64, "steps": 20, "sampler": "dpmpp_2m", "cfg": 5.0}}])
     single_engine = Engine(load_registry(path), tmp_path / "cache", device="cpu")
     try:
         text = "a red circle on a blue background --seed 5 --n 2 --steps 8"

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,9 @@ class Site:
             finally:
                 await studio.close()
 
-        return asyncio.run(run())
+        # Its own thread: Playwright's sync API keeps an event loop running in the test thread.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, run()).result()
 
     def wait_done(self, job_id: int, timeout: float = 180) -> dict:
         deadline = time.time() + timeout
@@ -122,7 +125,8 @@ def test_browse_the_gallery_open_an_image_and_follow_its_lineage(site, browser):
     page.goto(site.base + "/?period=all")
     cards = page.locator("#grid .card")
     assert cards.count() >= 5  # the grid's four images and the upscale
-    assert page.locator("#grid .card img").first.evaluate("img => img.naturalWidth") > 0
+    page.wait_for_function("() => { const img = document.querySelector('#grid .card img');"
+                           " return img.complete && img.naturalWidth > 0; }")
     source = site.grid["images"][0]["id"]
     page.goto(f"{site.base}/image/{source}")
     assert page.inner_text("#prompt") == "a red circle on a blue background"
@@ -130,7 +134,7 @@ def test_browse_the_gallery_open_an_image_and_follow_its_lineage(site, browser):
     assert page.locator("a.sibling").count() == 3
     page.click("a.child")  # its upscale
     assert page.url.endswith(f"/image/{site.upscale['images'][0]['id']}")
-    assert page.locator("#image").evaluate("img => img.naturalWidth") == 128
+    page.wait_for_function("() => document.querySelector('#image').naturalWidth === 128")
     page.click("a.parent")
     assert page.url.endswith(f"/image/{source}")
     page.close()

@@ -57,7 +57,8 @@ def evaluation_prompts(count: int, seed: int = 1234) -> list[tuple[str, str, str
     result = []
     for index in range(count):
         shape_colour, background_colour = pairs[index % len(pairs)]
-        shape = SHAPES[index % len(SHAPES)]
+        # Each pass over the colour pairs shifts the shapes, so no prompt repeats.
+        shape = SHAPES[(index + index // len(pairs)) % len(SHAPES)]
         article = "an" if shape_colour[0] in "aeiou" else "a"
         result.append((f"{article} {shape_colour} {shape} on a {background_colour} background", shape_colour, background_colour))
     return result

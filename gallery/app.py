@@ -159,7 +159,7 @@ async def imagine_submit(request: web.Request) -> web.StreamResponse:
 
 
 async def job_page(request: web.Request) -> web.Response:
-    job = await request.app[STUDIO].job(int(request.match_info["id"]))
+    job = await request.app[STUDIO].public_job(int(request.match_info["id"]))
     return aiohttp_jinja2.render_template("job.html", request, {"job": job.to_dict(), "terminal": job.status in TERMINAL})
 
 
@@ -167,7 +167,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: queue position, each step with a preview, and the end."""
     studio = request.app[STUDIO]
     job_id = int(request.match_info["id"])
-    view = await studio.job(job_id)
+    view = await studio.public_job(job_id)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
 
@@ -211,7 +211,7 @@ async def api_image(request: web.Request) -> web.Response:
 
 
 async def api_job(request: web.Request) -> web.Response:
-    job = (await request.app[STUDIO].job(int(request.match_info["id"]))).to_dict()
+    job = (await request.app[STUDIO].public_job(int(request.match_info["id"]))).to_dict()
     for image in job["images"]:
         image["path"] = f"/files/{image['id']}.png"
     return web.json_response(job)

@@ -260,6 +260,16 @@ class Studio:
         async with self.db.session() as session:
             return await gallery_page(session, query)
 
+    async def public_job(self, job_id: int) -> JobView:
+        """A job as the public web may see it: not from a banned member, a hidden model or a private guild."""
+        async with self.db.session() as session:
+            job = await session.get(Job, job_id)
+            owner = await session.get(queue.User, job.user_id) if job else None
+            if (job is None or owner.banned or job.model in self.hidden_models()
+                    or not (job.guild_id is None or job.guild_id in await public_guilds(session))):
+                raise NotFound(f"There is no job {job_id}.")
+            return await self._view(session, job)
+
     async def image_detail(self, image_id: int) -> dict[str, Any]:
         """Everything an image page shows; images the gallery hides are not found."""
         async with self.db.session() as session:

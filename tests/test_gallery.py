@@ -81,7 +81,7 @@ class Site:
     def wait_done(self, job_id: int, timeout: float = 180) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            job = json.loads(_get(f"{self.base}/api/jobs/{job_id}")[1])
+            job = self.studio(lambda s: s.job(job_id)).to_dict()
             if job["status"] in ("done", "failed", "cancelled"):
                 return job
             time.sleep(0.3)
@@ -241,3 +241,19 @@ def test_banned_members_nsfw_models_and_private_guilds_are_hidden(site):
 
     site.studio(unban)
     assert _get(f"{site.base}/image/{visible}")[0] == 200
+
+    # A Discord server's images stay out of the public gallery until the server opts in.
+    private = site.studio(lambda s: s.submit_imagine("dave", "a blue star --steps 4 --n 1", guild_id="g1"))
+    guild_image = site.wait_done(private.id)["images"][0]["id"]
+    assert _get(f"{site.base}/image/{guild_image}")[0] == 404
+    assert _get(f"{site.base}/jobs/{private.id}")[0] == 404 and _get(f"{site.base}/api/jobs/{private.id}")[0] == 404
+
+    async def opt_in(studio):
+        from storage.models import Guild
+
+        async with studio.db.session() as session:
+            session.add(Guild(id="g1", name="g1", settings={"public_gallery": True}))
+
+    site.studio(opt_in)
+    assert _get(f"{site.base}/image/{guild_image}")[0] == 200
+    assert _get(f"{site.base}/api/jobs/{private.id}")[0] == 200

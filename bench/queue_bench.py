@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import insert  # noqa: E402
+from sqlalchemy import insert, update  # noqa: E402
 
 from storage import queue, votes  # noqa: E402
 from storage.database import Database  # noqa: E402
@@ -38,10 +38,11 @@ def percentiles(samples: list[float]) -> dict:
             "p95_ms": round(1000 * ordered[int(0.95 * (len(ordered) - 1))], 3), "n": len(ordered)}
 
 
-async def fill(db: Database, rows: int) -> None:
+async def fill(db: Database, rows: int) -> list[int]:
     now = utcnow()
     rng = random.Random(0)
     queued_per_user = [0] * USERS
+    image_ids: list[int] = []
     async with db.session() as session:
         await session.execute(insert(User), [{"id": f"u{i}", "display_name": f"u{i}", "defaults": {}, "banned": False,
                                               "queued_count": 0, "created_at": now} for i in range(USERS)])
@@ -57,6 +58,7 @@ async def fill(db: Database, rows: int) -> None:
                          "negative_prompt": "", "parameters": {"n": 1}, "loras": [], "attempts": 0, "max_attempts": 3,
                          "cancel_requested": False, "created_at": now - timedelta(seconds=rows - job_id)})
             if not queued:
+                image_ids.append(job_id)
                 images.append({"id": job_id, "job_id": job_id, "index_in_job": 1, "seed": job_id, "width": 64,
                                "height": 64, "sha256": f"{job_id:064x}", "path": f"x/{job_id}.png", "created_at": now})
                 vote_rows.append({"user_id": f"u{rng.randrange(USERS)}", "image_id": job_id, "value": 1,
@@ -75,13 +77,18 @@ async def fill(db: Database, rows: int) -> None:
             await connection.exec_driver_sql("COMMIT")
             for table in ("jobs", "images", "votes", "users"):
                 await connection.exec_driver_sql(f"ANALYZE {table}")
+            # Rows were inserted with explicit ids: move the id sequences past them.
+            for table in ("jobs", "images"):
+                await connection.exec_driver_sql(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
+    return image_ids
 
 
 async def measure(url: str, rows: int) -> dict:
     db = Database(url)
     await db.upgrade()
     started = time.perf_counter()
-    await fill(db, rows)
+    image_ids = await fill(db, rows)
     filled = time.perf_counter() - started
     rng = random.Random(1)
     claims, vote_times, overhead = [], [], []
@@ -91,9 +98,12 @@ async def measure(url: str, rows: int) -> dict:
             job = await queue.claim(session, "bench", 30, lock=not db.is_sqlite)
         claims.append(time.perf_counter() - t)
         assert job is not None
+        async with db.session() as session:  # untimed: back into the queue, so its size stays the same
+            await session.execute(update(Job).where(Job.id == job.id).values(status="queued", attempts=0, lease_owner=None))
+            await session.execute(update(User).where(User.id == job.user_id).values(queued_count=User.queued_count + 1))
         t = time.perf_counter()
         async with db.session() as session:
-            await votes.set_vote(session, f"u{rng.randrange(USERS)}", rng.randrange(1, rows // 2), rng.choice((1, -1)), "cli")
+            await votes.set_vote(session, f"u{rng.randrange(USERS)}", rng.choice(image_ids), rng.choice((1, -1)), "cli")
         vote_times.append(time.perf_counter() - t)
     for i in range(SAMPLES):
         # Queue overhead of one job, engine excluded: submit, claim, complete. It is an upscale, so the

@@ -126,17 +126,17 @@ async def claim(session: AsyncSession, worker: str, lease_seconds: float, *, loc
         job_id = await _next_candidate(session, lock)
         if job_id is None:
             return None
-        claimed = await session.execute(
+        # The conditional UPDATE is the claim; RETURNING hands back the row without another round trip.
+        job = (await session.scalars(
             update(Job).where(Job.id == job_id, Job.status == "queued")
             .values(status="running", lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_seconds),
                     attempts=Job.attempts + 1, started_at=now)
-            .returning(Job.user_id)
-        )
-        user_id = claimed.scalar()
-        if user_id is not None:
-            await session.execute(update(User).where(User.id == user_id)
+            .returning(Job).execution_options(populate_existing=True)
+        )).one_or_none()
+        if job is not None:
+            await session.execute(update(User).where(User.id == job.user_id)
                                   .values(queued_count=User.queued_count - 1, last_served_at=now))
-            return await session.get(Job, job_id, populate_existing=True)
+            return job
     return None
 
 

@@ -68,6 +68,9 @@ async def fill(studio: Studio, images: int, votes_per_image: int) -> None:
             await session.execute(insert(Job), jobs)
             await session.execute(insert(Image), rows)
             await session.execute(insert(Vote), votes)
+    if studio.db.is_sqlite:
+        async with studio.db.engine.connect() as connection:
+            await connection.exec_driver_sql("ANALYZE")
     if not studio.db.is_sqlite:
         async with studio.db.engine.connect() as connection:
             await connection.exec_driver_sql("COMMIT")

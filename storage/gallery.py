@@ -14,6 +14,7 @@ from storage.ranking import rank_key
 PERIODS = {"day": timedelta(days=1), "week": timedelta(days=7), "all": None, "new": None}
 MAX_PAGE = 1000
 MAX_PER_PAGE = 100
+ID_CHUNK = 5000  # ids per IN (...) list, well under SQLite's limit on bound parameters
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,14 @@ async def gallery_page(session: AsyncSession, query: GalleryQuery, now: datetime
     """One page of images and whether another page follows."""
     query.check()
     now = now or utcnow()
+    # No join with users: SQLite would drive the query from that small table through every job of every
+    # member. Banned members are few, so their ids filter instead.
+    banned = select(User.id).where(User.banned.is_(True))
+    # No `jobs.status = 'done'` either: image rows only exist for done jobs (they are inserted by the
+    # completing transaction), and that condition would tempt SQLite to start from the status index.
     statement = (select(Image, Job.prompt, Job.model, Job.user_id)
-                 .join(Job, Image.job_id == Job.id).join(User, Job.user_id == User.id)
-                 .where(Job.status == "done", User.banned.is_(False)))
+                 .join(Job, Image.job_id == Job.id)
+                 .where(Job.user_id.not_in(banned)))
     if query.hidden_models:
         statement = statement.where(or_(Job.model.is_(None), Job.model.not_in(query.hidden_models)))
     if query.guild_id:
@@ -83,18 +89,31 @@ async def gallery_page(session: AsyncSession, query: GalleryQuery, now: datetime
         statement = statement.where(Job.user_id == query.user_id)
     start = (query.page - 1) * query.per_page
     window = PERIODS[query.period]
+    order = (Image.id.desc(),) if query.period == "new" else (Image.score.desc(), Image.id.desc())
+    # Enough ranked candidates for this page; for today / this week more, since the decay re-ranks them.
+    need = start + query.per_page + 1 if window is None else max(200, 4 * (start + query.per_page + 1))
+    limit = need + need // 2 + 50
+    while True:
+        # Two steps, so the images index drives on every database: the next `limit` ids in ranked order,
+        # then the joins and privacy filters on those rows alone, fetched by primary key.
+        candidates = select(Image.id).order_by(*order).limit(limit)
+        if window is not None:
+            candidates = candidates.where(Image.created_at >= now - window)
+        ids = list((await session.scalars(candidates)).all())
+        rows = []
+        for chunk in range(0, len(ids), ID_CHUNK):
+            rows += (await session.execute(statement.where(Image.id.in_(ids[chunk:chunk + ID_CHUNK])))).all()
+        if len(rows) >= need or len(ids) < limit or limit >= 200_000:
+            break
+        limit *= 4  # the filters removed many candidates: look further
+    # Ordered here: the second query only holds the candidates.
     if query.period == "new":
-        rows = (await session.execute(statement.order_by(Image.id.desc()).offset(start).limit(query.per_page + 1))).all()
+        rows.sort(key=lambda row: -row[0].id)
     elif window is None:
-        rows = (await session.execute(statement.order_by(Image.score.desc(), Image.id.desc())
-                                      .offset(start).limit(query.per_page + 1))).all()
+        rows.sort(key=lambda row: (-row[0].score, -row[0].id))
     else:
-        # Candidates by score within the window, then the time decay re-ranks them.
-        cap = max(200, 4 * (start + query.per_page + 1))
-        candidates = (await session.execute(statement.where(Image.created_at >= now - window)
-                                            .order_by(Image.score.desc(), Image.id.desc()).limit(cap))).all()
-        candidates.sort(key=lambda row: rank_key(row[0].up_votes, row[0].down_votes, row[0].created_at, now, query.period))
-        rows = candidates[start:start + query.per_page + 1]
+        rows.sort(key=lambda row: rank_key(row[0].up_votes, row[0].down_votes, row[0].created_at, now, query.period))
+    rows = rows[start:start + query.per_page + 1]
     items = [GalleryItem(image.id, image.job_id, prompt, model, user_id, image.up_votes, image.down_votes, image.score,
                          image.width, image.height, image.path, image.created_at)
              for image, prompt, model, user_id in rows[: query.per_page]]

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import percentiles  # noqa: E402
 
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
@@ -33,11 +34,6 @@ from studio.settings import Settings  # noqa: E402
 USERS = 2000
 SAMPLES = 100
 
-
-def percentiles(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    return {"p50_ms": round(1000 * statistics.median(ordered), 2),
-            "p95_ms": round(1000 * ordered[int(0.95 * (len(ordered) - 1))], 2), "n": len(ordered)}
 
 
 async def fill(studio: Studio, images: int, votes_per_image: int) -> None:

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import percentiles  # noqa: E402
 
 from sqlalchemy import insert, update  # noqa: E402
 
@@ -31,11 +32,6 @@ from storage.models import Image, Job, User, Vote, utcnow  # noqa: E402
 USERS = 1000
 SAMPLES = 300
 
-
-def percentiles(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    return {"p50_ms": round(1000 * statistics.median(ordered), 3),
-            "p95_ms": round(1000 * ordered[int(0.95 * (len(ordered) - 1))], 3), "n": len(ordered)}
 
 
 async def fill(db: Database, rows: int) -> list[int]:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from dreamloom.errors import InvalidPrompt
-from engine.families import Family, image_size
+from engine.families import Family, get_family, image_size
 from engine.params import PromptRequest, WeightedPrompt
 from engine.registry import ModelSpec
 
@@ -105,6 +105,16 @@ def cfg_from_stylize(family: Family, stylize: int) -> float:
     return round(family.default_cfg * factor, 3)
 
 
+def model_family(spec: ModelSpec) -> Family:
+    """The family of `spec` with the model's own defaults from models.toml applied (steps, sampler, cfg and
+    native size, e.g. an SD1.5 fine-tune trained at 768)."""
+    family = get_family(spec.family)
+    fields = {"steps": ("default_steps", int), "sampler": ("default_sampler", str), "cfg": ("default_cfg", float),
+              "size": ("native_side", int)}
+    overrides = {name: cast(spec.defaults[key]) for key, (name, cast) in fields.items() if key in spec.defaults}
+    return dataclasses.replace(family, **overrides) if overrides else family
+
+
 def resolve_settings(
     prompt: PromptRequest,
     spec: ModelSpec,
@@ -115,23 +125,18 @@ def resolve_settings(
     kind: str = "imagine",
     rng: random.Random | None = None,
 ) -> GenerationSettings:
-    """Turn a parsed prompt into explicit settings for `spec`; checks everything before any GPU work."""
-    sampler = prompt.sampler or spec.defaults.get("sampler") or family.default_sampler
+    """Turn a parsed prompt into explicit settings for `spec` on `family` (see `model_family`); checks everything
+    before any GPU work."""
+    sampler = prompt.sampler or family.default_sampler
     if sampler not in family.samplers:
         raise InvalidPrompt(
             f"--sampler {sampler} does not work with {family.name} models; use one of {', '.join(family.samplers)}.", "sampler"
         )
-    base_steps = prompt.steps or int(spec.defaults.get("steps", family.default_steps))
-    steps = max(1, round(base_steps * prompt.quality))
+    steps = max(1, round((prompt.steps or family.default_steps) * prompt.quality))
     if strength is not None:
         # img2img runs steps * strength of them; keep at least a handful.
         steps = max(steps, round(4 / strength))
-    if "cfg" in spec.defaults:
-        family = dataclasses.replace(family, default_cfg=float(spec.defaults["cfg"]))
     cfg = prompt.cfg if prompt.cfg is not None else cfg_from_stylize(family, prompt.stylize)
-    if "size" in spec.defaults:
-        # A model trained at another resolution (e.g. an SD1.5 fine-tune at 768) sets its own native side.
-        family = dataclasses.replace(family, native_side=int(spec.defaults["size"]))
     width, height = size or image_size(family, prompt.aspect_ratio)
     seed = prompt.seed if prompt.seed is not None else (rng or random.SystemRandom()).randrange(0, 2**32 - prompt.n)
     seeds = tuple((seed + i) % 2**32 for i in range(prompt.n))

@@ -18,10 +18,9 @@ import torch
 from dreamloom.errors import EngineUnavailable, InvalidImage, InvalidPrompt
 from engine import pipelines
 from engine.cache import ModelCache
-from engine.families import Family, get_family
 from engine.generation import (
     UPSCALE_STRENGTH, VARIATION_STRENGTH, GenerationResult, ImagineRequest, UpscaleRequest,
-    VaryRequest, resolve_settings,
+    VaryRequest, model_family, resolve_settings,
 )
 from engine.models import estimate_bytes, load_pipeline
 from engine.params import PromptRequest
@@ -123,7 +122,7 @@ class Engine:
     def imagine(self, request: ImagineRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
         """A grid of `request.prompt.n` images from text (and an optional image prompt)."""
         spec = self.choose_model(request.prompt)
-        family = get_family(spec.family)
+        family = model_family(spec)
         strength = None
         if request.init_image is not None and request.prompt.image_weight > 0:
             strength = max(0.05, min(1.0, 1.0 - 0.25 * request.prompt.image_weight))
@@ -142,7 +141,7 @@ class Engine:
         if request.strength not in VARIATION_STRENGTH:
             raise InvalidPrompt(f"Variation strength must be one of {', '.join(VARIATION_STRENGTH)}.")
         spec = self.choose_model(request.prompt)
-        family = get_family(spec.family)
+        family = model_family(spec)
         size = _fit(request.source.size, family.multiple)
         settings = resolve_settings(request.prompt, spec, family, size=size, rng=self.rng,
                                     strength=VARIATION_STRENGTH[request.strength], kind=f"vary-{request.strength}")
@@ -155,14 +154,14 @@ class Engine:
     def upscale(self, request: UpscaleRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
         """A 2x upscale of `request.source` with a detail pass (tiled for large images)."""
         spec = self.choose_model(request.prompt)
-        family: Family = get_family(spec.family)
+        family = model_family(spec)
         width, height = _fit((request.source.width * 2, request.source.height * 2), family.multiple)
         if max(width, height) > MAX_UPSCALE_SIDE:
             raise InvalidImage(f"Upscaling would make a {width}x{height} image; the limit is {MAX_UPSCALE_SIDE} pixels a side.")
         prompt = dataclasses.replace(request.prompt, n=1)
         settings = resolve_settings(prompt, spec, family, size=(width, height), rng=self.rng,
                                     strength=UPSCALE_STRENGTH[request.mode], kind=f"upscale-{request.mode}")
-        tile = int(spec.defaults.get("size", family.native_side)) * 2
+        tile = family.native_side * 2
         overlap = max(family.multiple, (tile // 8) // family.multiple * family.multiple)
         factors = self._preview_factors(spec)
         image, timings = self._run(

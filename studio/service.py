@@ -264,20 +264,23 @@ class Studio:
         """A job as the public web may see it: not from a banned member, a hidden model or a private guild."""
         async with self.db.session() as session:
             job = await session.get(Job, job_id)
-            owner = await session.get(queue.User, job.user_id) if job else None
-            if (job is None or owner.banned or job.model in self.hidden_models()
-                    or not (job.guild_id is None or job.guild_id in await public_guilds(session))):
+            if not await self._public(session, job):
                 raise NotFound(f"There is no job {job_id}.")
             return await self._view(session, job)
+
+    async def _public(self, session, job: Job | None) -> bool:
+        """The web's one visibility rule: not a banned member's, not a hidden model's, not a private guild's."""
+        if job is None or job.model in self.hidden_models():
+            return False
+        owner = await session.get(queue.User, job.user_id)
+        return not owner.banned and (job.guild_id is None or job.guild_id in await public_guilds(session))
 
     async def image_detail(self, image_id: int) -> dict[str, Any]:
         """Everything an image page shows; images the gallery hides are not found."""
         async with self.db.session() as session:
             image = await session.get(Image, image_id)
             job = await session.get(Job, image.job_id) if image else None
-            owner = await session.get(queue.User, job.user_id) if job else None
-            public = job is not None and (job.guild_id is None or job.guild_id in await public_guilds(session))
-            if image is None or job.status != "done" or owner.banned or job.model in self.hidden_models() or not public:
+            if job is None or job.status != "done" or not await self._public(session, job):
                 raise NotFound(f"There is no image {image_id}.")
             siblings = (await session.scalars(select(Image).where(Image.job_id == job.id).order_by(Image.index_in_job))).all()
             children = (await session.execute(select(Image.id, Job.kind).join(Job, Image.job_id == Job.id)

@@ -109,6 +109,7 @@ class Job(Base):
         Index("ix_jobs_status_priority", "status", "priority", "id"),
         Index("ix_jobs_user_status", "user_id", "status", "id"),
         Index("ix_jobs_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_message", "message_id"),
     )
 
 
@@ -131,6 +132,8 @@ class Image(Base):
     up_votes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     down_votes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     score: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # Wilson lower bound
+    # Set once when the image is reposted to its guild's gallery channel (the starboard); "pending" while posting.
+    starboard_message_id: Mapped[str | None] = mapped_column(String(100), default=None)
 
     job: Mapped[Job] = relationship(back_populates="images", foreign_keys=[job_id], lazy="raise")
 

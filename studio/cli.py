@@ -120,6 +120,10 @@ def cmd_serve(args, settings) -> dict[str, Any]:
         from gallery.app import start_gallery  # the composition root wires the front doors
 
         front_doors.append(start_gallery)
+    if settings.discord_token:
+        from bot.app import start_bot
+
+        front_doors.append(start_bot)
     asyncio.run(serve(settings, announce=lambda line: print(line, flush=True), front_doors=front_doors))
     return {"stopped": True}
 

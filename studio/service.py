@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import dataclasses
 import random
@@ -12,9 +13,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from dreamloom.errors import InvalidRequest, NotFound
+from dreamloom.errors import InvalidRequest, NotAllowed, NotFound
+from engine.images import make_grid, open_image
 from engine.params import apply_defaults, parse_prompt
 from engine.registry import Registry, load_registry
 from engine.routing import choose_model
@@ -23,7 +25,8 @@ from storage.database import Database, sqlite_url
 from storage.export import ExportFilter, ExportReport, export_dataset
 from storage.files import ImageStore
 from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
-from storage.models import Image, Job
+from storage.models import Guild, Image, Job, User
+from studio.guilds import GuildSettings
 from studio.settings import Settings
 
 TERMINAL = ("done", "failed", "cancelled")
@@ -65,6 +68,11 @@ class JobView:
     position: int | None = None
     eta_seconds: float | None = None
     images: list[ImageView] = field(default_factory=list)
+    guild_id: str | None = None
+    channel_id: str | None = None
+    message_id: str | None = None
+    loras: list[Any] = field(default_factory=list)
+    route_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view."""
@@ -110,37 +118,76 @@ class Studio:
         """Release the database connections."""
         await self.db.close()
 
+    # -- what is installed ----------------------------------------------------------------------------
+
+    def check_prompt(self, text: str) -> None:
+        """Check a prompt's syntax and model without queueing it (fast, no database): front doors answer at once."""
+        choose_model(self.registry, parse_prompt(text))
+
+    def catalog(self) -> dict[str, list[dict[str, Any]]]:
+        """The installed models and LoRAs with their descriptions, tags and trigger words."""
+        models = [{"name": spec.name, "family": spec.family, "description": spec.description, "tags": list(spec.tags),
+                   "default": spec.name == self.registry.default} for spec in self.registry.models.values()]
+        loras = [{"name": spec.name, "family": spec.family, "description": spec.description, "tags": list(spec.tags),
+                  "triggers": list(spec.triggers), "weight": spec.weight}
+                 for spec in getattr(self.registry, "loras", {}).values()]
+        return {"models": models, "loras": loras}
+
     # -- submitting ------------------------------------------------------------------------------
 
-    async def _enqueue(self, new: queue.NewJob) -> JobView:
+    async def _enqueue(self, new: queue.NewJob, rules: GuildSettings | None = None) -> JobView:
+        limit, quota = self.settings.max_queued_per_user, self.settings.daily_quota
+        if rules is not None:
+            limit = rules.max_queued_per_user or limit
+            quota = rules.daily_quota or quota
         async with self.db.session() as session:
-            job = await queue.enqueue(session, new, max_queued_per_user=self.settings.max_queued_per_user,
-                                      daily_quota=self.settings.daily_quota)
+            job = await queue.enqueue(session, new, max_queued_per_user=limit, daily_quota=quota)
             view = await self._view(session, job)
         self.publish(ProgressEvent(view.id, "queued"))
         return view
 
     async def submit_imagine(self, user_id: str, text: str, *, kind: str = "imagine", guild_id: str | None = None,
-                             channel_id: str | None = None) -> JobView:
-        """Check a prompt (syntax, model) and queue it; the seed is fixed now so a rerun makes the same images.
+                             channel_id: str | None = None, image_prompt: bytes | None = None,
+                             age_restricted_channel: bool | None = None) -> JobView:
+        """Check a prompt (syntax, model, the server's rules) and queue it; the seed is fixed now so a rerun
+        makes the same images.
 
-        The user's default parameters (/settings) apply where the prompt does not name them.
+        The user's default parameters (/settings) apply where the prompt does not name them. `image_prompt` is an
+        uploaded image (checked and stored now). On a server, banned words are refused and a model tagged `nsfw`
+        needs `age_restricted_channel` (and a server policy that allows it).
         """
+        rules = await self.guild_settings(guild_id) if guild_id else None
+        if rules:
+            rules.check_prompt(text)
         async with self.db.session() as session:
             user = await queue.ensure_user(session, user_id)
             defaults = dict(user.defaults)
         text = apply_defaults(text, defaults)
         prompt = parse_prompt(text)
         spec = choose_model(self.registry, prompt)
+        if rules and "nsfw" in spec.tags and (rules.nsfw == "never" or not age_restricted_channel):
+            where = "on this server" if rules.nsfw == "never" else "outside age-restricted channels"
+            raise NotAllowed(f"The model {spec.name} is tagged NSFW and is not available {where}.")
+        parameters = prompt.to_dict()
+        if image_prompt is not None:
+            parameters["image_prompt"] = await asyncio.to_thread(self._store_image_prompt, image_prompt)
         seed = prompt.seed if prompt.seed is not None else self._rng.randrange(0, 2**32 - prompt.n)
         return await self._enqueue(queue.NewJob(
             kind=kind, user_id=user_id, raw_prompt=text, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt,
-            parameters=prompt.to_dict(), model=spec.name, seed=seed, guild_id=guild_id, channel_id=channel_id,
+            parameters=parameters, model=spec.name, seed=seed, guild_id=guild_id, channel_id=channel_id,
             max_attempts=self.settings.max_attempts,
             route_reason="explicit --model" if prompt.model else ("--niji" if prompt.niji else "default model"),
-        ))
+        ), rules)
 
-    async def submit_from_image(self, user_id: str, image_id: int, kind: str, mode: str) -> JobView:
+    def _store_image_prompt(self, data: bytes) -> str:
+        """Check an uploaded image (size, format, decompression bombs) and store it as PNG; returns its path."""
+        image = open_image(data)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return self.store.put(buffer.getvalue()).path
+
+    async def submit_from_image(self, user_id: str, image_id: int, kind: str, mode: str, *,
+                                age_restricted_channel: bool | None = None) -> JobView:
         """Queue an upscale (`mode` detail/creative) or variations (`mode` subtle/strong) of a stored image."""
         modes = {"upscale": ("detail", "creative"), "vary": ("subtle", "strong")}
         if kind not in modes or mode not in modes[kind]:
@@ -150,23 +197,30 @@ class Studio:
             if image is None:
                 raise NotFound(f"There is no image {image_id}.")
             source = await session.get(Job, image.job_id)
-        parameters = {**source.parameters, "mode": mode}
+        rules = await self.guild_settings(source.guild_id) if source.guild_id else None
+        spec = self.registry.models.get(source.model or "")
+        if rules and spec and "nsfw" in spec.tags and (rules.nsfw == "never" or not age_restricted_channel):
+            raise NotAllowed(f"The model {spec.name} is tagged NSFW and is not available here.")
+        parameters = {k: v for k, v in source.parameters.items() if k != "image_prompt"} | {"mode": mode}
         seed = image.seed if kind == "upscale" else self._rng.randrange(0, 2**32 - 4)
         return await self._enqueue(queue.NewJob(
             kind=kind, user_id=user_id, raw_prompt=source.raw_prompt, prompt=source.prompt,
             negative_prompt=source.negative_prompt, parameters=parameters, model=source.model, seed=seed,
             guild_id=source.guild_id, channel_id=source.channel_id, parent_image_id=image_id,
             max_attempts=self.settings.max_attempts, route_reason=f"same model as image {image_id}",
-        ))
+        ), rules)
 
-    async def submit_reroll(self, user_id: str, job_id: int) -> JobView:
+    async def submit_reroll(self, user_id: str, job_id: int, *, age_restricted_channel: bool | None = None) -> JobView:
         """The same prompt again with new seeds."""
         async with self.db.session() as session:
             source = await session.get(Job, job_id)
             if source is None:
                 raise NotFound(f"There is no job {job_id}.")
+        image_prompt = source.parameters.get("image_prompt")
         return await self.submit_imagine(user_id, _without_seed(source.raw_prompt), kind="reroll",
-                                         guild_id=source.guild_id, channel_id=source.channel_id)
+                                         guild_id=source.guild_id, channel_id=source.channel_id,
+                                         image_prompt=self.store.read(image_prompt) if image_prompt else None,
+                                         age_restricted_channel=age_restricted_channel)
 
     async def cancel(self, job_id: int, user_id: str | None) -> JobView:
         """Cancel a queued job, or ask a running one to stop (owner only; `user_id=None` for admins)."""
@@ -176,6 +230,69 @@ class Studio:
         if view.status == "cancelled":
             self.publish(ProgressEvent(job_id, "cancelled", message="Cancelled."))
         return view
+
+    async def attach_message(self, job_id: int, channel_id: str, message_id: str) -> None:
+        """Remember the chat message that shows a job, so reactions and buttons on it find the job later."""
+        async with self.db.session() as session:
+            job = await session.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"There is no job {job_id}.")
+            job.channel_id, job.message_id = channel_id, message_id
+
+    async def job_for_message(self, message_id: str) -> JobView | None:
+        """The job a chat message shows, if any."""
+        async with self.db.session() as session:
+            job = await session.scalar(select(Job).where(Job.message_id == message_id).order_by(Job.id.desc()).limit(1))
+            return await self._view(session, job, with_position=False) if job else None
+
+    # -- servers, members and the registry (admin) --------------------------------------------------
+
+    async def guild_settings(self, guild_id: str) -> GuildSettings:
+        """A server's settings (defaults when it never changed any)."""
+        async with self.db.session() as session:
+            guild = await session.get(Guild, guild_id)
+            return GuildSettings.from_dict(guild.settings if guild else {})
+
+    async def update_guild_settings(self, guild_id: str, name: str = "", **changes: Any) -> GuildSettings:
+        """Change some of a server's settings (checked); returns all of them."""
+        async with self.db.session() as session:
+            guild = await session.get(Guild, guild_id)
+            if guild is None:
+                guild = Guild(id=guild_id, name=name[:200], settings={})
+                session.add(guild)
+            updated = GuildSettings.from_dict(guild.settings).changed(**changes)
+            guild.settings = {**guild.settings, **updated.to_dict()}
+            return updated
+
+    async def set_banned(self, user_id: str, banned: bool) -> None:
+        """Ban or unban a member: a banned member cannot queue jobs and the gallery hides their images."""
+        async with self.db.session() as session:
+            user = await queue.ensure_user(session, user_id)
+            user.banned = banned
+
+    def reload_registry(self) -> Registry:
+        """Read models.toml again (an admin command); a broken file keeps the old registry and raises ConfigError."""
+        self.registry = load_registry(self.settings.registry)
+        return self.registry
+
+    async def claim_starboard(self, image_id: int, guild_id: str) -> GuildSettings | None:
+        """Whether an image just reached its server's 👍 threshold and should be reposted (once, ever).
+
+        Returns the server's settings when this caller must post it, then `starboard_posted` records the message.
+        """
+        rules = await self.guild_settings(guild_id)
+        if not rules.gallery_channel_id:
+            return None
+        async with self.db.session() as session:
+            claimed = await session.execute(update(Image).where(
+                Image.id == image_id, Image.starboard_message_id.is_(None), Image.up_votes >= rules.vote_threshold,
+            ).values(starboard_message_id="pending"))
+            return rules if claimed.rowcount == 1 else None
+
+    async def starboard_posted(self, image_id: int, message_id: str | None) -> None:
+        """Record the repost (or, with None after a failed post, allow a later vote to try again)."""
+        async with self.db.session() as session:
+            await session.execute(update(Image).where(Image.id == image_id).values(starboard_message_id=message_id))
 
     # -- votes and favourites ---------------------------------------------------------------------
 
@@ -196,6 +313,11 @@ class Studio:
         async with self.db.session() as session:
             await votes.set_favourite(session, user_id, image_id, favourite)
             return await votes.favourites(session, user_id)
+
+    async def user_defaults(self, user_id: str) -> dict[str, Any]:
+        """A user's default parameters (/settings)."""
+        async with self.db.session() as session:
+            return dict((await queue.ensure_user(session, user_id)).defaults)
 
     async def set_user_defaults(self, user_id: str, defaults: dict[str, Any]) -> dict[str, Any]:
         """Per-user default parameters (/settings), e.g. {"ar": "16:9", "stylize": 250}; checked like a prompt."""
@@ -260,6 +382,29 @@ class Studio:
         async with self.db.session() as session:
             return await gallery_page(session, query)
 
+    async def discord_gallery(self, guild_id: str | None, period: str, page: int,
+                              model: str | None) -> tuple[list[GalleryItem], bool]:
+        """One image per page of a server's gallery (its own images), ranked like the web gallery."""
+        return await self.gallery(GalleryQuery(period=period, page=page, per_page=1, model=model,
+                                               guild_id=guild_id).check())
+
+    async def gallery_file(self, image_id: int, max_bytes: int) -> tuple[str, bytes]:
+        """One stored image as a file for chat, re-encoded to fit `max_bytes`."""
+        async with self.db.session() as session:
+            image = await session.get(Image, image_id)
+        if image is None:
+            raise NotFound(f"There is no image {image_id}.")
+        return await asyncio.to_thread(_encode_to_fit, [self.store.root / image.path], image.job_id, max_bytes)
+
+    async def starboard_image(self, image_id: int) -> dict[str, Any]:
+        """What a starboard repost shows: prompt, author and votes."""
+        async with self.db.session() as session:
+            image = await session.get(Image, image_id)
+            job = await session.get(Job, image.job_id) if image else None
+            if job is None:
+                raise NotFound(f"There is no image {image_id}.")
+            return {"prompt": job.prompt, "user_id": job.user_id, "up": image.up_votes, "down": image.down_votes}
+
     async def public_job(self, job_id: int) -> JobView:
         """A job as the public web may see it: not from a banned member, a hidden model or a private guild."""
         async with self.db.session() as session:
@@ -297,6 +442,14 @@ class Studio:
             "children": [{"id": child_id, "kind": kind} for child_id, kind in children],
         }
 
+    async def result_file(self, job_id: int, max_bytes: int) -> tuple[str, bytes]:
+        """A finished job's images as one file for chat (a 2x2 grid, or the single image), re-encoded to fit
+        `max_bytes`: PNG when it fits, else WebP at falling quality, then smaller."""
+        view = await self.job(job_id)
+        if view.status != "done" or not view.images:
+            raise InvalidRequest(f"Job {job_id} has no images yet.")
+        return await asyncio.to_thread(_encode_to_fit, [image.path for image in view.images], job_id, max_bytes)
+
     async def export(self, folder: Path, fmt: str, filters: ExportFilter) -> ExportReport:
         """Export the best images as a fine-tuning dataset."""
         async with self.db.session() as session:
@@ -313,7 +466,8 @@ class Studio:
             eta = (position + 1) * await self._typical_duration(session, job.kind)
         return JobView(job.id, job.kind, job.status, job.user_id, job.raw_prompt, job.prompt, job.model, job.seed,
                        job.parameters, job.settings, job.parent_image_id, job.attempts, job.error, job.created_at,
-                       job.finished_at, position, eta, views)
+                       job.finished_at, position, eta, views, job.guild_id, job.channel_id, job.message_id,
+                       list(job.loras or []), job.route_reason)
 
     async def _typical_duration(self, session, kind: str) -> float:
         rows = (await session.execute(select(Job.started_at, Job.finished_at).where(
@@ -344,6 +498,23 @@ class Studio:
                 except asyncio.QueueEmpty:
                     pass
             events.put_nowait(event)
+
+
+def _encode_to_fit(paths: list[Path], job_id: int, max_bytes: int) -> tuple[str, bytes]:
+    picture = make_grid([open_image(path, max_pixels=8192 * 8192, max_bytes=2**30) for path in paths])
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    if buffer.tell() <= max_bytes:
+        return f"dreamloom-{job_id}.png", buffer.getvalue()
+    for scale in (1.0, 0.75, 0.5, 0.35, 0.25, 0.125):
+        resized = picture if scale == 1.0 else picture.resize(
+            (max(1, int(picture.width * scale)), max(1, int(picture.height * scale))))
+        for quality in (90, 75, 55):
+            buffer = io.BytesIO()
+            resized.save(buffer, format="WEBP", quality=quality)
+            if buffer.tell() <= max_bytes:
+                return f"dreamloom-{job_id}.webp", buffer.getvalue()
+    raise InvalidRequest(f"The result of job {job_id} cannot be made smaller than {max_bytes} bytes.")
 
 
 def _without_seed(text: str) -> str:

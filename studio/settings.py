@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     """Dreamloom's settings; every field can be set as `DREAMLOOM_<FIELD>` or in the TOML file."""
 
     model_config = SettingsConfigDict(env_prefix="DREAMLOOM_", extra="forbid")
+    # DISCORD_TOKEN (unprefixed, as Discord's docs call it) is read too; see load_settings.
 
     data_dir: Path = Field(Path("data"), description="Where the database, images, outputs and caches live.")
     registry: Path = Field(PROJECT_ROOT / "models.toml", description="The model registry (models.toml).")
@@ -39,12 +40,28 @@ class Settings(BaseSettings):
     gallery_host: str = Field("127.0.0.1", description="Address the web gallery listens on (loopback by default).")
     gallery_port: int = Field(8765, ge=0, le=65535, description="Port of the web gallery (0: do not serve it).")
     gallery_show_nsfw: bool = Field(False, description="Show images from models tagged `nsfw` in the gallery.")
+    gallery_public_url: str | None = Field(
+        None, description="The gallery's address as members reach it (for links in Discord); default http://host:port."
+    )
+
+    discord_token: str | None = Field(None, description="The Discord bot token; the bot runs only when it is set.")
+    discord_api_base: str = Field("https://discord.com/api/v10", description="Discord's REST base (any compatible API).")
+    discord_gateway_url: str = Field("wss://gateway.discord.gg/", description="Discord's gateway websocket URL.")
+    discord_upload_limit_mb: float = Field(10.0, gt=0, description="Largest file the bot uploads; bigger results are re-encoded.")
+    discord_progress_interval_s: float = Field(
+        2.0, ge=0.05, description="Least time between two progress edits of one message (Discord rate limits edits)."
+    )
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_file = Path(os.environ.get("DREAMLOOM_CONFIG", "dreamloom.toml"))
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file)
+
+    @property
+    def gallery_url(self) -> str:
+        """Where links to image pages point."""
+        return (self.gallery_public_url or f"http://{self.gallery_host}:{self.gallery_port}").rstrip("/")
 
     @property
     def outputs_dir(self) -> Path:
@@ -67,6 +84,8 @@ def load_settings(**overrides) -> Settings:
     config = os.environ.get("DREAMLOOM_CONFIG")
     if config and not Path(config).is_file():
         raise ConfigError(f"DREAMLOOM_CONFIG points to {config}, which does not exist.")
+    if os.environ.get("DISCORD_TOKEN") and not os.environ.get("DREAMLOOM_DISCORD_TOKEN"):
+        overrides.setdefault("discord_token", os.environ["DISCORD_TOKEN"])
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as error:

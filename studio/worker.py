@@ -123,7 +123,9 @@ class Worker:
         prompt = dataclasses.replace(prompt, seed=job.seed, model=job.model)
         mode = job.parameters.get("mode")
         if job.kind in ("imagine", "reroll"):
-            return await self.engine.imagine_async(ImagineRequest(prompt), on_step, cancel)
+            image_prompt = job.parameters.get("image_prompt")
+            init_image = open_image(self.studio.store.read(image_prompt)) if image_prompt else None
+            return await self.engine.imagine_async(ImagineRequest(prompt, init_image), on_step, cancel)
         source = await self._source_image(job.parent_image_id)
         if job.kind == "vary":
             return await self.engine.vary_async(VaryRequest(source, dataclasses.replace(prompt, n=4), mode), on_step, cancel)
@@ -176,6 +178,9 @@ async def serve(settings, *, announce=print, front_doors=()) -> None:
         async with studio.db.session() as session:
             requeued = await queue.requeue_orphans(session, owner_prefix=f"{host}:")
             referenced = set((await session.scalars(select(Image.path))).all())
+            # Uploaded image prompts of jobs still to run are files without an image row.
+            waiting = await session.scalars(select(Job.parameters).where(Job.status.in_(("queued", "running"))))
+            referenced |= {parameters["image_prompt"] for parameters in waiting if parameters.get("image_prompt")}
         report = await asyncio.to_thread(studio.store.sweep, referenced)
         if report.missing:
             log.error("%d image files are missing from %s", len(report.missing), studio.store.root)

@@ -45,6 +45,7 @@ bench: setup system-packages
 	$(PYTHON) bench/queue_bench.py
 	$(PYTHON) bench/serve_memory.py
 	$(PYTHON) bench/gallery_bench.py
+	$(PYTHON) bench/bot_bench.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

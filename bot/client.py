@@ -14,7 +14,7 @@ from discord import app_commands
 from bot import render
 from bot.buttons import IMAGE_ACTIONS, CancelButton, GalleryPageButton, JobActionButton, gallery_view
 from bot.commands import register_commands
-from bot.delivery import InteractionPost, MessagePost, follow_job
+from bot.delivery import InteractionPost, MessagePost, TokenExpired, follow_job
 from dreamloom.errors import DreamloomError
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,18 @@ class DreamloomBot(discord.Client):
 
     async def start_job(self, interaction: discord.Interaction, submit) -> None:
         """Defer (inside Discord's 3 seconds), queue the job, acknowledge with its place, then follow it."""
-        await interaction.response.defer(thinking=True)
+        callback = await interaction.response.defer(thinking=True)
         job = await submit()
         post = InteractionPost(interaction, self.interaction_lifetime_s)
-        message_id = await post.edit(content=render.queued(job))
-        await self.studio.attach_message(job.id, str(interaction.channel_id), str(message_id))
+        if callback is not None and callback.message_id:
+            post.message_id = callback.message_id
+            await self.studio.attach_message(job.id, str(interaction.channel_id), str(callback.message_id))
+        try:
+            # Best effort: under a rate-limit storm the job must still be followed and delivered.
+            message_id = await post.edit(content=render.queued(job))
+            await self.studio.attach_message(job.id, str(interaction.channel_id), str(message_id))
+        except (discord.HTTPException, TokenExpired) as error:
+            log.info("acknowledgement of job %s not shown: %s", job.id, error)
         self.follow(post, job.id)
 
     async def submit_action(self, user_id: str, action: str, target: int, channel):

@@ -37,8 +37,12 @@ class InteractionPost:
             raise TokenExpired()
         try:
             message = await self.interaction.edit_original_response(**fields)
-        except discord.NotFound:
-            raise TokenExpired() from None
+        except (discord.NotFound, discord.Forbidden) as error:
+            raise TokenExpired() from error
+        except discord.HTTPException as error:
+            if error.status == 401:  # "Invalid Webhook Token": older than 15 minutes
+                raise TokenExpired() from error
+            raise
         self.message_id = message.id
         return message.id
 

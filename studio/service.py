@@ -314,6 +314,11 @@ class Studio:
             await votes.set_favourite(session, user_id, image_id, favourite)
             return await votes.favourites(session, user_id)
 
+    async def favourites(self, user_id: str) -> list[int]:
+        """A user's private collection (image ids)."""
+        async with self.db.session() as session:
+            return await votes.favourites(session, user_id)
+
     async def user_defaults(self, user_id: str) -> dict[str, Any]:
         """A user's default parameters (/settings)."""
         async with self.db.session() as session:

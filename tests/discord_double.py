@@ -311,10 +311,12 @@ class DiscordDouble:
     # -- what the bot did -------------------------------------------------------------------------------
 
     async def wait_for(self, condition, timeout: float = 60, what: str = "condition"):
-        """Poll `condition()` until it returns something truthy."""
+        """Poll `condition()` (a function or coroutine function) until it returns something truthy."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = condition()
+            if asyncio.iscoroutine(value):
+                value = await value
             if value:
                 return value
             await asyncio.sleep(0.02)

@@ -33,3 +33,268 @@ def test_imagine_from_command_to_grid(engine, tmp_path):
             assert "seed 7" in message["content"] and "<@3001>" in message["content"]
 
     run(scenario())
+
+
+def test_buttons_work_after_a_bot_restart(engine, tmp_path):
+    async def scenario():
+        async with BotWorld(engine, tmp_path) as world:
+            double = world.double
+            _, grid_message, grid = await world.imagine(world.alice, f"a yellow star on a purple background {QUICK}")
+            await world.restart_bot()  # a new client: the buttons must be rebuilt from their custom_id alone
+            assert double.identifies == 2
+            upscale = await double.click(world.bob, grid_message["id"], f"dl:u:{grid.images[1].id}")
+            upscaled_message = await world.finished(upscale)
+            upscaled = await world.studio.job_for_message(upscaled_message["id"])
+            assert upscaled.kind == "upscale" and upscaled.parent_image_id == grid.images[1].id
+            assert world.image_of(double.file_of(upscaled_message)).size == (128, 128)
+            assert world.custom_ids(upscaled_message) == [f"dl:{a}:{upscaled.images[0].id}" for a in ("vs", "vx", "uc")]
+
+            vary = await double.click(world.bob, grid_message["id"], f"dl:v:{grid.images[0].id}")
+            varied = await world.studio.job_for_message((await world.finished(vary))["id"])
+            assert varied.kind == "vary" and len(varied.images) == 4
+            reroll = await double.click(world.alice, grid_message["id"], f"dl:r:{grid.id}")
+            rerolled = await world.studio.job_for_message((await world.finished(reroll))["id"])
+            assert rerolled.kind == "reroll" and rerolled.seed != grid.seed and rerolled.prompt == grid.prompt
+            strong = await double.click(world.alice, upscaled_message["id"], f"dl:vx:{upscaled.images[0].id}")
+            strong_job = await world.studio.job_for_message((await world.finished(strong))["id"])
+            assert strong_job.kind == "vary" and strong_job.parameters["mode"] == "strong"
+            creative = await double.click(world.alice, upscaled_message["id"], f"dl:uc:{upscaled.images[0].id}")
+            creative_job = await world.studio.job_for_message((await world.finished(creative))["id"])
+            assert creative_job.parameters["mode"] == "creative"
+            assert world.image_of(double.file_of(double.original(creative))).size == (256, 256)
+
+    run(scenario())
+
+
+def test_reactions_act_and_vote(engine, tmp_path):
+    async def scenario():
+        async with BotWorld(engine, tmp_path) as world:
+            double, studio = world.double, world.studio
+            _, grid_message, grid = await world.imagine(world.alice, f"a green square on a white background {QUICK}")
+            before = set(double.messages)
+            await double.react(world.bob, grid_message["id"], "2\ufe0f\u20e3")  # U2 by reaction
+
+            def new_result():
+                for message_id in set(double.messages) - before:
+                    message = double.messages[message_id]
+                    if message["components"]:
+                        return message
+            upscaled_message = await double.wait_for(new_result, 120, "the upscale posted by reaction")
+            upscaled = await studio.job_for_message(upscaled_message["id"])
+            assert upscaled.kind == "upscale" and upscaled.parent_image_id == grid.images[1].id
+            assert upscaled.user_id == "discord:3002"
+
+            before = set(double.messages)
+            await double.react(world.alice, upscaled_message["id"], "\U0001f3a8")  # vary (subtle) by reaction
+            varied = await studio.job_for_message((await double.wait_for(new_result, 120, "variations"))["id"])
+            assert varied.kind == "vary" and varied.parent_image_id == upscaled.images[0].id
+            before = set(double.messages)
+            await double.react(world.alice, grid_message["id"], "\U0001f504")  # reroll by reaction
+            rerolled = await studio.job_for_message((await double.wait_for(new_result, 120, "reroll"))["id"])
+            assert rerolled.kind == "reroll"
+
+            # Votes: a grid vote counts for its images; removing the reaction removes the vote.
+            await double.react(world.bob, grid_message["id"], "\U0001f44d")
+            await double.wait_for(_votes(studio, grid.id, (1, 0)), 20, "bob's vote")
+            await double.react(world.admin, upscaled_message["id"], "\U0001f44e")
+            await double.wait_for(_votes(studio, upscaled.id, (0, 1)), 20, "a down vote")
+            await double.react(world.bob, grid_message["id"], "\U0001f44d", add=False)
+            await double.wait_for(_votes(studio, grid.id, (0, 0)), 20, "the vote removed")
+            await double.react(world.bob, upscaled_message["id"], "\u2b50")
+            await double.wait_for(_favourite(studio, "discord:3002", upscaled.images[0].id), 20, "a favourite")
+
+            # The starboard: at the server's threshold the image is reposted once to the gallery channel.
+            set_gallery = await double.slash(world.admin, "admin", {"channel": ("channel", double.gallery_channel_id),
+                                                                    "threshold": 2}, subcommand="gallery")
+            await double.wait_for(lambda: set_gallery.callbacks, 20, "the admin reply")
+            for member in (world.alice, world.bob, world.admin):
+                await double.react(member, upscaled_message["id"], "\U0001f44d")
+            starboard = await double.wait_for(lambda: double.channel_messages(double.gallery_channel_id), 30, "a repost")
+            await asyncio.sleep(0.5)
+            assert len(double.channel_messages(double.gallery_channel_id)) == 1
+            assert f"/image/{upscaled.images[0].id}" in starboard[0]["content"] and starboard[0]["attachments"]
+
+    run(scenario())
+
+
+def _votes(studio, job_id, expected):
+    async def check():
+        job = await studio.job(job_id)
+        return all((image.up, image.down) == expected for image in job.images)
+    return check
+
+
+def _favourite(studio, user_id, image_id):
+    async def check():
+        return image_id in await studio.favourites(user_id)
+    return check
+
+
+def test_429_storm_and_a_dropped_gateway_mid_job(engine, tmp_path):
+    async def scenario():
+        async with BotWorld(engine, tmp_path) as world:
+            double = world.double
+            # Every progress edit is rate limited for a while, and the first delivery attempts hit 5xx too.
+            storm = double.fail("PATCH", r"^/webhooks/\d+/[^/]+/messages/@original$", 429, times=12, retry_after=0.05)
+            handle = await double.slash(world.alice, "imagine", {"prompt": "a blue triangle on an orange background --steps 12"})
+            await double.wait_for(lambda: handle.callbacks, 10, "the defer")
+            await double.drop_gateway()  # mid-job: the bot resumes and the job is still delivered
+            message = await world.finished(handle)
+            assert storm.times == 0
+            assert double.resumes >= 1 and double.identifies == 1
+            job = await world.studio.job_for_message(message["id"])
+            assert job.status == "done" and world.image_of(double.file_of(message)).size == (128, 128)
+            rate_limited = [r for r in double.requests if r.status == 429]
+            assert len(rate_limited) == 12
+            # Progress edits are throttled: far fewer edits than the 12 steps x retries.
+            edits = [r for r in double.requests if r.method == "PATCH" and handle.token in r.path and r.status == 200]
+            assert len(edits) <= 14
+
+            # After the resume, the gateway still brings commands; a 5xx on the final edit is retried.
+            double.fail("PATCH", r"^/webhooks/\d+/[^/]+/messages/@original$", 500, times=1)
+            _, second, _ = await world.imagine(world.bob, f"a white star on a black background {QUICK}")
+            assert second["attachments"]
+
+    run(scenario())
+
+
+def test_results_after_the_interaction_token_expired_come_as_a_channel_message(engine, tmp_path):
+    async def scenario():
+        async with BotWorld(engine, tmp_path) as world:
+            double = world.double
+            await world.restart_bot(interaction_lifetime_s=0.3)  # Discord's 15 minutes, shortened
+            handle = await double.slash(world.alice, "imagine", {"prompt": "a red square on a green background --steps 20"})
+            await double.wait_for(lambda: handle.original_id, 10, "the acknowledgement")
+
+            def delivered():
+                return [m for m in double.channel_messages(double.channel_id)
+                        if m["components"] and m["id"] != handle.original_id]
+            message = (await double.wait_for(delivered, 120, "a channel message with the grid"))[0]
+            job = await world.studio.job_for_message(message["id"])
+            assert job.status == "done" and "<@3001>" in message["content"]
+            assert any(r.path == f"/channels/{double.channel_id}/messages" and r.method == "POST" for r in double.requests)
+
+    run(scenario())
+
+
+def _bomb_png() -> bytes:
+    import io
+    import zlib
+    import struct
+    # A 30000 x 30000 greyscale PNG of zeros: a few hundred KB on disk, 900 MB decoded.
+    width = height = 30000
+    raw = zlib.compress(b"".join(b"\x00" + bytes(width) for _ in range(height)), 9)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    buffer = io.BytesIO()
+    buffer.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                 + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    return buffer.getvalue()
+
+
+def test_bad_input_gets_a_clear_private_message(engine, tmp_path):
+    async def scenario():
+        async with BotWorld(engine, tmp_path) as world:
+            double, studio = world.double, world.studio
+
+            async def error_for(options, member=None, **kwargs):
+                handle = await double.slash(member or world.alice, "imagine", options, **kwargs)
+                return await world.error_reply(handle)
+
+            assert "--foo" in await error_for({"prompt": "a cat --foo 3"})
+            assert "--ar" in await error_for({"prompt": "a cat --ar 0:9"})
+            assert "Unknown model" in await error_for({"prompt": "a cat", "model": "nope"})
+            huge = double.add_attachment(b"x" * 100, "huge.png", size=50 * 2**20)
+            assert "50.0 MB" in await error_for({"prompt": "a cat", "image": huge})
+            text = double.add_attachment(b"hello", "notes.txt", content_type="text/plain")
+            assert "not an image" in await error_for({"prompt": "a cat", "image": text})
+            disguised = double.add_attachment(b"not really a png", "cat.png")
+            assert "not a readable image" in await error_for({"prompt": "a cat", "image": disguised})
+            bomb = double.add_attachment(_bomb_png(), "bomb.png")
+            assert "pixels" in await error_for({"prompt": "a cat", "image": bomb})
+            # NSFW-tagged models: refused in ordinary channels, fine in age-restricted ones.
+            assert "NSFW" in await error_for({"prompt": "a cat --model after-dark"})
+            allowed = await double.slash(world.alice, "imagine", {"prompt": "a red circle --model after-dark --steps 2"},
+                                         channel_id=double.nsfw_channel_id)
+            await world.finished(allowed)
+            # Banned words, named in the refusal.
+            words = await double.slash(world.admin, "admin", {"words": "dragon, Lava Lamp"}, subcommand="banned-words")
+            await double.wait_for(lambda: words.callbacks, 20, "the admin reply")
+            assert "lava lamp" in await error_for({"prompt": "a LAVA LAMP on a table"})
+            # Admin commands are checked, not only hidden.
+            ban = await double.slash(world.bob, "admin", {"member": world.alice}, subcommand="ban")
+            assert "Manage Server" in await world.error_reply(ban)
+            assert "after-dark" in (await studio.job_for_message(double.original(allowed)["id"])).model
+            # A real ban by an admin stops generation with a message.
+            ban = await double.slash(world.admin, "admin", {"member": world.alice}, subcommand="ban")
+            await double.wait_for(lambda: ban.callbacks, 20, "the ban")
+            assert "banned" in await error_for({"prompt": "a red circle"})
+            # Nothing of the refused requests was queued, and the bot still works.
+            assert len(await studio.jobs(limit=100)) == 1
+            _, message, _ = await world.imagine(world.bob, f"a red circle on a blue background {QUICK}")
+            assert message["attachments"]
+            # Only ephemeral replies for errors: no public message carries a warning.
+            assert not [m for m in double.messages.values() if "\u26a0" in m["content"] and not m["flags"] & 64]
+
+    run(scenario())
+
+
+def test_member_commands(engine, tmp_path):
+    async def scenario():
+        async with BotWorld(engine, tmp_path) as world:
+            double, studio = world.double, world.studio
+
+            async def reply(member, name, options=None, **kwargs):
+                handle = await double.slash(member, name, options, **kwargs)
+                await double.wait_for(lambda: handle.callbacks, 20, f"/{name}")
+                return handle.callbacks[0]["data"]
+
+            settings = await reply(world.alice, "settings", {"ar": "3:2", "chaos": 10})
+            assert settings["flags"] & 64 and "--ar 3:2" in settings["content"]
+            assert await studio.user_defaults("discord:3001") == {"ar": "3:2", "chaos": 10}
+            assert "3:2" in (await reply(world.alice, "settings"))["content"]
+            assert "ar" not in await studio.user_defaults("discord:3002")
+            bad = await double.slash(world.alice, "settings", {"ar": "wide"})
+            assert "--ar" in await world.error_reply(bad)
+            assert "starter-shapes" in (await reply(world.alice, "models"))["content"]
+            assert "LoRA" in (await reply(world.alice, "loras"))["content"]
+            assert "U1-U4" in (await reply(world.alice, "help"))["content"]
+            complete = await double.slash(world.alice, "imagine", {"prompt": "x", "model": "after"}, focused="model")
+            await double.wait_for(lambda: complete.token in double.autocomplete, 20, "autocomplete")
+            assert [c["value"] for c in double.autocomplete[complete.token]] == ["after-dark"]
+
+            # /queue lists waiting jobs with cancel buttons; another member cannot cancel them.
+            world.stop_worker.set()
+            await world.worker_task
+            job = await studio.submit_imagine("discord:3001", "a red circle --steps 2")
+            queue_reply = await reply(world.alice, "queue")
+            assert f"Job {job.id}" in queue_reply["content"]
+            handle = [h for h in double.interactions.values() if h.callbacks and h.callbacks[0].get("data", {}).get("components")][-1]
+            queue_message = double.original(handle)
+            assert world.custom_ids(queue_message) == [f"dl:cancel:{job.id}"]
+            stranger = await double.click(world.bob, queue_message["id"], f"dl:cancel:{job.id}")
+            assert "not yours" in await world.error_reply(stranger)
+            owner = await double.click(world.alice, queue_message["id"], f"dl:cancel:{job.id}")
+            await double.wait_for(lambda: owner.callbacks, 20, "the cancel")
+            assert (await studio.job(job.id)).status == "cancelled"
+
+            # /info shows a finished job's seed, model and lineage; /gallery pages through the server's best.
+            world.stop_worker.clear()
+            world.worker_task = asyncio.create_task(world.worker.run(world.stop_worker, idle_seconds=0.05))
+            _, _, first = await world.imagine(world.alice, f"a red circle on a blue background --seed 3 {QUICK}")
+            _, _, second = await world.imagine(world.bob, f"a blue circle on a red background {QUICK}")
+            await studio.vote(second.images[0].id, "discord:3001", 1)
+            info = (await reply(world.bob, "info", {"job": first.id}))["content"]
+            assert "Seed: 3" in info and "starter-shapes" in info and f"#{first.images[0].id}" in info
+            gallery = await reply(world.alice, "gallery", {"period": "all"})
+            assert f"/image/{second.images[0].id}" in gallery["content"]
+            gallery_message = double.original([h for h in double.interactions.values()
+                                               if h.callbacks and "Gallery" in (h.callbacks[0].get("data") or {}).get("content", "")][-1])
+            assert gallery_message["attachments"]
+            next_page = await double.click(world.bob, gallery_message["id"], "dl:gal:all:2:")
+            await double.wait_for(lambda: next_page.callbacks, 20, "page 2")
+            assert next_page.callbacks[0]["type"] == 7
+            assert "#2" in double.messages[gallery_message["id"]]["content"]
+
+    run(scenario())

@@ -46,6 +46,7 @@ bench: setup system-packages
 	$(PYTHON) bench/serve_memory.py
 	$(PYTHON) bench/gallery_bench.py
 	$(PYTHON) bench/bot_bench.py
+	$(PYTHON) bench/lora_bench.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -20,6 +20,7 @@ class CacheEntry:
     pipe: Any
     size: int
     derived: dict[str, Any] = field(default_factory=dict)
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters loaded into `pipe`: name -> file
 
 
 class ModelCache:

@@ -25,6 +25,7 @@ class ImagineRequest:
 
     prompt: PromptRequest
     init_image: Image.Image | None = None
+    route: bool = True  # False: the prompt's model and LoRAs were chosen already (a queued job)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class VaryRequest:
     source: Image.Image
     prompt: PromptRequest
     strength: Literal["subtle", "strong"] = "subtle"
+    route: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class UpscaleRequest:
     source: Image.Image
     prompt: PromptRequest
     mode: Literal["detail", "creative"] = "detail"
+    route: bool = True
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ duplication between them is deliberate.
 """
 from __future__ import annotations
 
+
 import contextlib
+import re
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
@@ -25,7 +27,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from dreamloom.errors import GenerationCancelled
+from dreamloom.errors import GenerationCancelled, ModelLoadError, UnknownModel
 from engine.cache import CacheEntry
 from engine.generation import GenerationSettings, StepProgress
 from engine.images import make_grid
@@ -250,3 +252,68 @@ def upscale(entry: CacheEntry, source: Image.Image, settings: GenerationSettings
         canvas[top:bottom, left:right] += np.asarray(detailed, dtype=np.float64) * mask
         weight[top:bottom, left:right] += mask
     return Image.fromarray(np.clip(canvas / np.maximum(weight, 1e-6), 0, 255).round().astype(np.uint8))
+
+
+def activate_loras(entry, loras, registry) -> None:
+    """Make exactly `loras` active on the cached pipeline, with their weights.
+
+    1. Each LoRA is loaded once per pipeline as a named peft adapter (diffusers/peft or kohya/A1111 files).
+    2. `set_adapters` activates this job's adapters and weights: switching LoRAs never reloads the pipeline.
+    3. A job without LoRAs disables the adapter layers (their weights stay loaded for the next job).
+    """
+    pipe = entry.pipe
+    for choice in loras:
+        spec = registry.lora(choice.name)
+        adapter = _adapter_name(spec.name)
+        if entry.adapters.get(adapter) == str(spec.path):
+            continue
+        if adapter in entry.adapters:  # the registry now points the name at another file
+            pipe.delete_adapters(adapter)
+            del entry.adapters[adapter]
+        if not spec.path.is_file():
+            raise UnknownModel(f"LoRA {spec.name}: no file at {spec.path}.")
+        try:
+            pipe.load_lora_weights(_lora_state_dict(pipe, spec.path), adapter_name=adapter)
+        except Exception as error:  # a corrupt or foreign file: tell which one
+            raise ModelLoadError(f"LoRA {spec.name} could not be loaded from {spec.path.name}: {error}") from None
+        entry.adapters[adapter] = str(spec.path)
+    if not entry.adapters:
+        return
+    if loras:
+        pipe.enable_lora()
+        pipe.set_adapters([_adapter_name(c.name) for c in loras], adapter_weights=[float(c.weight) for c in loras])
+    else:
+        pipe.disable_lora()
+
+
+def _lora_state_dict(pipe, path) -> dict[str, torch.Tensor]:
+    """A LoRA file as a peft-layout state dict; kohya / A1111 files (`lora_unet_...`, `lora_down`, `alpha`) are
+    mapped onto the pipeline's own module names, with alpha / rank folded into the up weights."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    if not any(key.startswith(("lora_unet_", "lora_te_")) for key in state):
+        return state
+    targets = {"lora_unet_": ("unet", pipe.unet)}
+    if getattr(pipe, "text_encoder", None) is not None:
+        targets["lora_te_"] = ("text_encoder", pipe.text_encoder)
+    converted: dict[str, torch.Tensor] = {}
+    for prefix, (component, module) in targets.items():
+        names = {name.replace(".", "_"): name for name, _ in module.named_modules() if name}
+        for key, down in state.items():
+            if not (key.startswith(prefix) and key.endswith(".lora_down.weight")):
+                continue
+            flat = key[len(prefix):-len(".lora_down.weight")]
+            if flat not in names:
+                raise ValueError(f"the LoRA names a layer ({flat}) this model does not have")
+            up = state[key.replace(".lora_down.", ".lora_up.")]
+            rank = down.shape[0]
+            alpha = float(state.get(key.replace(".lora_down.weight", ".alpha"), torch.tensor(float(rank))))
+            converted[f"{component}.{names[flat]}.lora_A.weight"] = down
+            converted[f"{component}.{names[flat]}.lora_B.weight"] = up * (alpha / rank)
+    return converted
+
+
+def _adapter_name(name: str) -> str:
+    # peft adapter names become module attribute keys: no dots
+    return "lora_" + re.sub(r"[^A-Za-z0-9_]", "_", name)

@@ -23,6 +23,7 @@ from engine.families import FAMILIES
 
 _DEFAULT_FIELDS = {"steps", "sampler", "cfg", "size"}
 _MODEL_FIELDS = {"name", "path", "family", "config", "description", "tags", "triggers", "keywords", "defaults"}
+_LORA_FIELDS = {"name", "path", "family", "description", "tags", "triggers", "keywords", "weight", "group"}
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,28 @@ class ModelSpec:
     description: str = ""
     tags: tuple[str, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    triggers: tuple[str, ...] = ()  # words that select this model when a prompt contains them
+    keywords: tuple[str, ...] = ()  # weaker hints, checked after every entry's trigger words
 
     @property
     def key(self) -> str:
         """Identity in the model cache."""
         return f"{self.family}:{self.path.resolve()}"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA file (diffusers/peft or kohya/A1111 layout) for models of one family."""
+
+    name: str
+    path: Path
+    family: str
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    triggers: tuple[str, ...] = ()  # added to the prompt when missing: the LoRA was trained with them
+    keywords: tuple[str, ...] = ()
+    weight: float = 0.8
+    group: str | None = None  # LoRAs of one group conflict (e.g. two palettes): at most one is applied
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,15 @@ class Registry:
     models: dict[str, ModelSpec]
     default: str
     source: Path | None = None
+    loras: dict[str, LoraSpec] = field(default_factory=dict)
+    routing: dict[str, Any] = field(default_factory=dict)  # similarity_threshold, max_loras
+
+    def lora(self, name: str) -> LoraSpec:
+        """The LoRA called `name`; unknown names list the registered ones."""
+        if name in self.loras:
+            return self.loras[name]
+        known = ", ".join(sorted(self.loras)) or "none (add [[loras]] entries to models.toml)"
+        raise UnknownModel(f"Unknown LoRA {name!r}. Registered LoRAs: {known}.")
 
     def get(self, name: str) -> ModelSpec:
         """The model called `name`; unknown names list the registered ones."""
@@ -71,6 +98,39 @@ class Registry:
         if any(sep in name_or_path for sep in ("/", "\\")) or name_or_path.endswith((".safetensors", ".ckpt")):
             raise UnknownModel(f"No checkpoint at {name_or_path!r}: the file or folder does not exist.")
         return self.get(name_or_path)
+
+
+def _words(raw: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{where}: {key} must be a list of non-empty strings.")
+    return tuple(v.strip() for v in value)
+
+
+def _lora_entry(raw: dict[str, Any], index: int, base: Path) -> LoraSpec:
+    where = f"models.toml: [[loras]] entry {index + 1}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table.")
+    unknown = set(raw) - _LORA_FIELDS
+    if unknown:
+        raise ConfigError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_LORA_FIELDS))}.")
+    for required in ("name", "path", "family"):
+        if not isinstance(raw.get(required), str) or not raw[required].strip():
+            raise ConfigError(f"{where} needs a non-empty text field {required!r}.")
+    where = f"models.toml: LoRA {raw['name']!r}"
+    if raw["family"] not in FAMILIES:
+        raise ConfigError(f"{where}: family must be one of {', '.join(FAMILIES)}; got {raw['family']!r}.")
+    weight = raw.get("weight", 0.8)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not -2 <= weight <= 2:
+        raise ConfigError(f"{where}: weight must be a number from -2 to 2.")
+    group = raw.get("group")
+    if group is not None and not isinstance(group, str):
+        raise ConfigError(f"{where}: group must be a string.")
+    path = Path(raw["path"]).expanduser()
+    return LoraSpec(name=raw["name"], path=path if path.is_absolute() else base / path, family=raw["family"],
+                    description=str(raw.get("description", "")), tags=_words(raw, "tags", where),
+                    triggers=_words(raw, "triggers", where), keywords=_words(raw, "keywords", where),
+                    weight=float(weight), group=group)
 
 
 def _entry(raw: dict[str, Any], index: int, base: Path) -> ModelSpec:
@@ -107,6 +167,7 @@ def _entry(raw: dict[str, Any], index: int, base: Path) -> ModelSpec:
         name=name, path=path if path.is_absolute() else base / path, family=raw["family"],
         config=(config if config.is_absolute() else base / config) if config else None,
         description=str(raw.get("description", "")), tags=tuple(tags), defaults=dict(defaults),
+        triggers=_words(raw, "triggers", where), keywords=_words(raw, "keywords", where),
     )
 
 
@@ -131,4 +192,19 @@ def load_registry(path: Path) -> Registry:
     default = data.get("default") or (next(iter(models)) if models else "")
     if models and default not in models:
         raise ConfigError(f"{path}: default model {default!r} is not one of the [[models]] entries.")
-    return Registry(models=models, default=default, source=path)
+    lora_entries = data.get("loras", [])
+    if not isinstance(lora_entries, list):
+        raise ConfigError(f"{path}: `loras` must be a list of [[loras]] tables.")
+    loras: dict[str, LoraSpec] = {}
+    for index, raw in enumerate(lora_entries):
+        lora = _lora_entry(raw, index, path.parent)
+        if lora.name in loras or lora.name in models:
+            raise ConfigError(f"{path}: the name {lora.name!r} is used twice.")
+        loras[lora.name] = lora
+    unknown = set(data) - {"default", "models", "loras", "routing"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; known: default, models, loras, routing.")
+    routing = data.get("routing", {})
+    if not isinstance(routing, dict) or set(routing) - {"similarity_threshold", "max_loras"}:
+        raise ConfigError(f"{path}: [routing] takes similarity_threshold and max_loras.")
+    return Registry(models=models, default=default, source=path, loras=loras, routing=dict(routing))

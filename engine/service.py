@@ -25,7 +25,7 @@ from engine.generation import (
 from engine.models import estimate_bytes, load_pipeline
 from engine.params import PromptRequest
 from engine.registry import ModelSpec, Registry
-from engine.routing import choose_model
+from engine.routing import route
 
 log = logging.getLogger(__name__)
 MAX_UPSCALE_SIDE = 8192
@@ -94,16 +94,22 @@ class Engine:
     # -- checks before any GPU work ------------------------------------------------------------
 
     def choose_model(self, prompt: PromptRequest) -> ModelSpec:
-        """The model a prompt asks for (`--model`, `--niji`) or the default; LoRAs are checked here."""
-        return choose_model(self.registry, prompt)
+        """The model a prompt runs on (routing: explicit choice, trigger words, keywords, similarity, default)."""
+        return route(self.registry, prompt).spec
+
+    def plan(self, prompt: PromptRequest, auto: bool = True) -> tuple[ModelSpec, PromptRequest]:
+        """The model and the routed prompt (LoRAs with weights, trigger words added); checks before GPU work."""
+        decision = route(self.registry, prompt, auto=auto)
+        return decision.spec, decision.prompt
 
     def _preview_factors(self, spec: ModelSpec):
         return _preview_factors(spec.path)
 
-    def _run(self, spec: ModelSpec, work):
+    def _run(self, spec: ModelSpec, work, loras=()):
         started = time.perf_counter()
         try:
             with self.cache.acquire(spec) as entry:
+                pipelines.activate_loras(entry, loras, self.registry)
                 loaded = time.perf_counter()
                 images = work(entry)
         except torch.cuda.OutOfMemoryError:
@@ -121,44 +127,43 @@ class Engine:
 
     def imagine(self, request: ImagineRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
         """A grid of `request.prompt.n` images from text (and an optional image prompt)."""
-        spec = self.choose_model(request.prompt)
+        spec, prompt = self.plan(request.prompt, request.route)
         family = model_family(spec)
         strength = None
         if request.init_image is not None and request.prompt.image_weight > 0:
             strength = max(0.05, min(1.0, 1.0 - 0.25 * request.prompt.image_weight))
-        settings = resolve_settings(request.prompt, spec, family, strength=strength, rng=self.rng,
-                                    kind="imagine")
+        settings = resolve_settings(prompt, spec, family, strength=strength, rng=self.rng, kind="imagine")
         factors = self._preview_factors(spec)
         if strength is not None:
             work = lambda entry: pipelines.image_to_image(entry, request.init_image, settings, on_step, cancel, factors)
         else:
             work = lambda entry: pipelines.text_to_image(entry, settings, on_step, cancel, factors)
-        images, timings = self._run(spec, work)
+        images, timings = self._run(spec, work, prompt.loras)
         return GenerationResult(images, settings, timings)
 
     def vary(self, request: VaryRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
         """`prompt.n` variations of `request.source`, subtle or strong."""
         if request.strength not in VARIATION_STRENGTH:
             raise InvalidPrompt(f"Variation strength must be one of {', '.join(VARIATION_STRENGTH)}.")
-        spec = self.choose_model(request.prompt)
+        spec, prompt = self.plan(request.prompt, request.route)
         family = model_family(spec)
         size = _fit(request.source.size, family.multiple)
-        settings = resolve_settings(request.prompt, spec, family, size=size, rng=self.rng,
+        settings = resolve_settings(prompt, spec, family, size=size, rng=self.rng,
                                     strength=VARIATION_STRENGTH[request.strength], kind=f"vary-{request.strength}")
         factors = self._preview_factors(spec)
         images, timings = self._run(
-            spec, lambda entry: pipelines.image_to_image(entry, request.source, settings, on_step, cancel, factors)
-        )
+            spec, lambda entry: pipelines.image_to_image(entry, request.source, settings, on_step, cancel, factors),
+            prompt.loras)
         return GenerationResult(images, settings, timings)
 
     def upscale(self, request: UpscaleRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
         """A 2x upscale of `request.source` with a detail pass (tiled for large images)."""
-        spec = self.choose_model(request.prompt)
+        spec, prompt = self.plan(request.prompt, request.route)
         family = model_family(spec)
         width, height = _fit((request.source.width * 2, request.source.height * 2), family.multiple)
         if max(width, height) > MAX_UPSCALE_SIDE:
             raise InvalidImage(f"Upscaling would make a {width}x{height} image; the limit is {MAX_UPSCALE_SIDE} pixels a side.")
-        prompt = dataclasses.replace(request.prompt, n=1)
+        prompt = dataclasses.replace(prompt, n=1)
         settings = resolve_settings(prompt, spec, family, size=(width, height), rng=self.rng,
                                     strength=UPSCALE_STRENGTH[request.mode], kind=f"upscale-{request.mode}")
         tile = family.native_side * 2
@@ -166,8 +171,8 @@ class Engine:
         factors = self._preview_factors(spec)
         image, timings = self._run(
             spec, lambda entry: pipelines.upscale(entry, request.source, settings, tile, overlap, family.multiple,
-                                                  on_step, cancel, factors)
-        )
+                                                  on_step, cancel, factors),
+            prompt.loras)
         return GenerationResult([image], settings, timings)
 
     # -- asyncio callers -----------------------------------------------------------------------

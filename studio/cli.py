@@ -87,6 +87,26 @@ def cmd_upscale(args, settings) -> dict[str, Any]:
     return write_result(result, Path(args.out) if args.out else settings.outputs_dir, prompt.raw, str(args.image)).to_dict()
 
 
+def cmd_route(args, settings) -> dict[str, Any]:
+    from engine.params import parse_prompt
+    from engine.registry import load_registry
+    from engine.routing import route
+
+    return route(load_registry(settings.registry), parse_prompt(args.prompt)).to_dict()
+
+
+def cmd_train_lora(args, settings) -> dict[str, Any]:
+    from engine.registry import load_registry
+    from engine.service import pick_device
+    from engine.training.train_lora import train_lora
+
+    base = load_registry(settings.registry).resolve(args.base)
+    report = train_lora(Path(args.dataset), base, args.trigger, Path(args.out), steps=args.steps, rank=args.rank,
+                        lr=args.lr, batch=args.batch, seed=args.seed, device=pick_device(settings.device),
+                        cache_dir=settings.cache_dir, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return report.to_dict()
+
+
 def cmd_models(args, settings) -> dict[str, Any]:
     from engine.registry import load_registry
 
@@ -95,6 +115,9 @@ def cmd_models(args, settings) -> dict[str, Any]:
         "registry": str(registry.source), "default": registry.default,
         "models": [{"name": s.name, "family": s.family, "path": str(s.path), "tags": list(s.tags),
                     "description": s.description, "installed": s.path.exists()} for s in registry.models.values()],
+        "loras": [{"name": s.name, "family": s.family, "path": str(s.path), "triggers": list(s.triggers),
+                   "weight": s.weight, "description": s.description, "installed": s.path.exists()}
+                  for s in registry.loras.values()],
     }
 
 
@@ -242,6 +265,12 @@ def cmd_db(args, settings) -> dict[str, Any]:
 def _human(command: str, document: dict[str, Any]) -> str:
     if command in ("serve",):
         return ""
+    if command == "route":
+        loras = ", ".join(f"{l['name']}:{l['weight']}" for l in document["loras"]) or "none"
+        return "\n".join([f"model: {document['model']}", f"LoRAs: {loras}", f"prompt: {document['prompt']}",
+                          *(f"  - {reason}" for reason in document["reasons"])])
+    if command == "train-lora":
+        return f"wrote {document['out']} ({document['steps']} steps on {document['images']} images, loss {document['first_loss']} -> {document['last_loss']})"
     if command == "db":
         return f"database {document['database']}: revision {document['from']} -> {document['to']}"
     if command == "vote":
@@ -306,7 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--n", type=int, default=4, choices=range(1, 5), help="number of variations (1-4)")
         else:
             sub.add_argument("--creative", action="store_true", help="repaint more detail (default: stay close)")
-    add("models", "List the registered models.")
+    add("models", "List the registered models and LoRAs.")
+    route_parser = add("route", "Show which model and LoRAs a prompt would use, and why (generates nothing).")
+    route_parser.add_argument("prompt")
+    train = add("train-lora", "Train a LoRA on an imagefolder dataset (e.g. from `dreamloom export`).")
+    train.add_argument("dataset", help="folder with metadata.jsonl (imagefolder) or image + .txt captions (kohya)")
+    train.add_argument("--base", required=True, help="registered model name or checkpoint path")
+    train.add_argument("--trigger", required=True, help="the trigger word put in every caption")
+    train.add_argument("--out", required=True, help="the .safetensors file to write")
+    train.add_argument("--steps", type=int, default=400)
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--seed", type=int, default=0)
 
     serve = add("serve", "Run the studio: work through the queue until SIGTERM (jobs survive a crash or kill -9).")
     submit = add("submit", "Queue a job for `dreamloom serve` and print its id.")
@@ -344,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "imagine": cmd_imagine, "vary": cmd_vary, "upscale": cmd_upscale, "models": cmd_models, "serve": cmd_serve,
     "submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel, "vote": cmd_vote,
-    "export": cmd_export, "db": cmd_db,
+    "export": cmd_export, "db": cmd_db, "route": cmd_route, "train-lora": cmd_train_lora,
 }
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import re
 import dataclasses
 import random
@@ -15,11 +16,11 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from dreamloom.errors import InvalidRequest, NotAllowed, NotFound
+from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
 from engine.images import make_grid, open_image
 from engine.params import apply_defaults, parse_prompt
 from engine.registry import Registry, load_registry
-from engine.routing import choose_model
+from engine.routing import RouteDecision, route
 from storage import queue, votes
 from storage.database import Database, sqlite_url
 from storage.export import ExportFilter, ExportReport, export_dataset
@@ -30,6 +31,7 @@ from studio.guilds import GuildSettings
 from studio.settings import Settings
 
 TERMINAL = ("done", "failed", "cancelled")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,6 +108,7 @@ class Studio:
         self.registry = registry
         self._subscribers: dict[int, set[asyncio.Queue]] = defaultdict(set)
         self._rng = random.SystemRandom()
+        self._registry_mtime = Path(settings.registry).stat().st_mtime_ns if Path(settings.registry).is_file() else None
 
     @classmethod
     async def open(cls, settings: Settings) -> Studio:
@@ -121,8 +124,26 @@ class Studio:
     # -- what is installed ----------------------------------------------------------------------------
 
     def check_prompt(self, text: str) -> None:
-        """Check a prompt's syntax and model without queueing it (fast, no database): front doors answer at once."""
-        choose_model(self.registry, parse_prompt(text))
+        """Check a prompt's syntax, model and LoRAs without queueing it (no database): front doors answer at once."""
+        self.route(text)
+
+    def route(self, text: str) -> RouteDecision:
+        """The model and LoRAs a prompt would run on, and why (`dreamloom route`)."""
+        self.refresh_registry()
+        return route(self.registry, parse_prompt(text))
+
+    def refresh_registry(self) -> None:
+        """Hot reload: read models.toml again when it changed on disk (a broken file keeps the last good one)."""
+        try:
+            mtime = Path(self.settings.registry).stat().st_mtime_ns
+        except OSError:
+            return
+        if mtime != self._registry_mtime:
+            self._registry_mtime = mtime
+            try:
+                self.registry = load_registry(self.settings.registry)
+            except DreamloomError as error:
+                log.error("models.toml changed but is invalid; keeping the previous registry: %s", error)
 
     def catalog(self) -> dict[str, list[dict[str, Any]]]:
         """The installed models and LoRAs with their descriptions, tags and trigger words."""
@@ -163,8 +184,8 @@ class Studio:
             user = await queue.ensure_user(session, user_id)
             defaults = dict(user.defaults)
         text = apply_defaults(text, defaults)
-        prompt = parse_prompt(text)
-        spec = choose_model(self.registry, prompt)
+        decision = self.route(text)
+        prompt, spec = decision.prompt, decision.spec
         if rules and "nsfw" in spec.tags and (rules.nsfw == "never" or not age_restricted_channel):
             where = "on this server" if rules.nsfw == "never" else "outside age-restricted channels"
             raise NotAllowed(f"The model {spec.name} is tagged NSFW and is not available {where}.")
@@ -175,8 +196,7 @@ class Studio:
         return await self._enqueue(queue.NewJob(
             kind=kind, user_id=user_id, raw_prompt=text, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt,
             parameters=parameters, model=spec.name, seed=seed, guild_id=guild_id, channel_id=channel_id,
-            max_attempts=self.settings.max_attempts,
-            route_reason="explicit --model" if prompt.model else ("--niji" if prompt.niji else "default model"),
+            max_attempts=self.settings.max_attempts, loras=decision.to_dict()["loras"], route_reason=decision.reason_text,
         ), rules)
 
     def _store_image_prompt(self, data: bytes) -> str:
@@ -206,8 +226,8 @@ class Studio:
         return await self._enqueue(queue.NewJob(
             kind=kind, user_id=user_id, raw_prompt=source.raw_prompt, prompt=source.prompt,
             negative_prompt=source.negative_prompt, parameters=parameters, model=source.model, seed=seed,
-            guild_id=source.guild_id, channel_id=source.channel_id, parent_image_id=image_id,
-            max_attempts=self.settings.max_attempts, route_reason=f"same model as image {image_id}",
+            guild_id=source.guild_id, channel_id=source.channel_id, parent_image_id=image_id, loras=list(source.loras or []),
+            max_attempts=self.settings.max_attempts, route_reason=f"same model and LoRAs as image {image_id}",
         ), rules)
 
     async def submit_reroll(self, user_id: str, job_id: int, *, age_restricted_channel: bool | None = None) -> JobView:
@@ -273,6 +293,7 @@ class Studio:
     def reload_registry(self) -> Registry:
         """Read models.toml again (an admin command); a broken file keeps the old registry and raises ConfigError."""
         self.registry = load_registry(self.settings.registry)
+        self._registry_mtime = Path(self.settings.registry).stat().st_mtime_ns
         return self.registry
 
     async def claim_starboard(self, image_id: int, guild_id: str) -> GuildSettings | None:

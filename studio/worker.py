@@ -19,7 +19,7 @@ from dreamloom.errors import DreamloomError, EngineUnavailable, GenerationCancel
 from engine.generation import GenerationResult, ImagineRequest, UpscaleRequest, VaryRequest
 from engine.images import open_image
 from engine.metadata import a1111_parameters, png_bytes
-from engine.params import parse_prompt
+from engine.params import LoraChoice, parse_prompt
 from engine.service import Engine
 from storage import queue
 from storage.models import Image, Job
@@ -120,16 +120,20 @@ class Worker:
                                       ProgressEvent(job.id, "step", progress.step, progress.total, preview_png))
 
         prompt = parse_prompt(job.raw_prompt, allow_empty=job.kind in ("upscale", "vary"))
-        prompt = dataclasses.replace(prompt, seed=job.seed, model=job.model)
+        loras = tuple(LoraChoice(lora["name"], lora["weight"]) for lora in job.loras or [])
+        prompt = dataclasses.replace(prompt, seed=job.seed, model=job.model, loras=loras)
+        self.studio.refresh_registry()
+        self.engine.registry = self.studio.registry  # admins may have edited models.toml
         mode = job.parameters.get("mode")
         if job.kind in ("imagine", "reroll"):
             image_prompt = job.parameters.get("image_prompt")
             init_image = open_image(self.studio.store.read(image_prompt)) if image_prompt else None
-            return await self.engine.imagine_async(ImagineRequest(prompt, init_image), on_step, cancel)
+            return await self.engine.imagine_async(ImagineRequest(prompt, init_image, route=False), on_step, cancel)
         source = await self._source_image(job.parent_image_id)
         if job.kind == "vary":
-            return await self.engine.vary_async(VaryRequest(source, dataclasses.replace(prompt, n=4), mode), on_step, cancel)
-        return await self.engine.upscale_async(UpscaleRequest(source, prompt, mode), on_step, cancel)
+            return await self.engine.vary_async(VaryRequest(source, dataclasses.replace(prompt, n=4), mode, route=False),
+                                                on_step, cancel)
+        return await self.engine.upscale_async(UpscaleRequest(source, prompt, mode, route=False), on_step, cancel)
 
     async def _source_image(self, image_id: int | None):
         async with self.studio.db.session() as session:

@@ -1,0 +1,144 @@
+"""Train a LoRA with peft on an imagefolder dataset (the studio's export format) and write a `.safetensors`
+that plain diffusers `load_lora_weights` loads.
+
+    dreamloom train-lora DATASET_DIR --base MODEL --trigger WORD --out FILE [--steps 400] [--rank 8]
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+
+from dreamloom.errors import InvalidRequest
+from engine.images import open_image
+from engine.models import load_pipeline
+from engine.registry import ModelSpec
+
+# Attention and the ResNet convolutions: a style lives in textures and edges as much as in attention.
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                  "conv1", "conv2"]
+
+
+@dataclass(frozen=True)
+class LoraTrainingReport:
+    """What a training run did."""
+
+    out: Path
+    images: int
+    steps: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+
+    def to_dict(self) -> dict:
+        """JSON for the CLI."""
+        return {"out": str(self.out), "images": self.images, "steps": self.steps, "seconds": round(self.seconds, 1),
+                "first_loss": round(self.first_loss, 5), "last_loss": round(self.last_loss, 5)}
+
+
+def read_imagefolder(folder: Path) -> list[tuple[Image.Image, str]]:
+    """(image, caption) pairs from `metadata.jsonl` (imagefolder) or from `name.txt` captions (kohya)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidRequest(f"No dataset folder at {folder}.")
+    pairs = []
+    metadata = folder / "metadata.jsonl"
+    if metadata.is_file():
+        for line_number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pairs.append((open_image(folder / row["file_name"]), str(row.get("text", ""))))
+            except (ValueError, KeyError) as error:
+                raise InvalidRequest(f"{metadata}: line {line_number} is not a valid entry ({error}).") from None
+    else:
+        for caption_file in sorted(folder.glob("*.txt")):
+            images = [p for p in caption_file.parent.glob(caption_file.stem + ".*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")]
+            if images:
+                pairs.append((open_image(images[0]), caption_file.read_text(encoding="utf-8").strip()))
+    if not pairs:
+        raise InvalidRequest(f"{folder} holds no images with captions (metadata.jsonl or kohya .txt files).")
+    return pairs
+
+
+def train_lora(dataset: Path, base: ModelSpec, trigger: str, out: Path, *, steps: int = 400, rank: int = 8,
+               lr: float = 1e-3, batch: int = 16, seed: int = 0, device: str = "cpu", cache_dir: Path = Path("data/cache"),
+               log=print) -> LoraTrainingReport:
+    """Train and save a LoRA for `base`; every caption starts with `trigger`."""
+    started = time.time()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise InvalidRequest("--out must name a .safetensors file.")
+
+    # 1. The dataset, with the trigger word in every caption.
+    pairs = read_imagefolder(dataset)
+    captions = [text if trigger.lower() in text.lower() else f"{trigger}, {text}" for _, text in pairs]
+
+    # 2. The base pipeline; only the LoRA weights train.
+    pipe = load_pipeline(base, device, torch.float32, cache_dir)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    side = unet.config.sample_size * pipe.vae_scale_factor
+
+    # 3. Latents and text embeddings, computed once.
+    with torch.no_grad():
+        pixels = torch.stack([
+            torch.from_numpy(np.asarray(image.resize((side, side), Image.LANCZOS), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+            for image, _ in pairs]).to(device)
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(64)]) * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        embeddings = torch.cat([text_encoder(chunk)[0] for chunk in ids.split(64)])
+
+    # 4. The LoRA: peft adapter layers on the UNet.
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))))
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    unet.train()
+    first = last = float("nan")
+    for step in range(steps):
+        index = torch.tensor([rng.randrange(len(pairs)) for _ in range(batch)], device=device)
+        clean = latents[index]
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        target = scheduler.get_velocity(clean, noise, timesteps) if prediction_type == "v_prediction" else noise
+        loss = F.mse_loss(unet(noisy, timesteps, embeddings[index]).sample, target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        schedule.step()
+        last = loss.item()
+        if step == 0:
+            first = last
+        if step % 50 == 0 or step == steps - 1:
+            log(json.dumps({"stage": "lora", "step": step, "loss": round(last, 5), "elapsed_s": round(time.time() - started, 1)}))
+
+    # 5. Save in the diffusers layout (what `load_lora_weights` reads).
+    unet.eval()
+    # peft's own key layout (lora_A / lora_B) throughout: mixing it with the older lora.down / lora.up names
+    # makes diffusers' loader skip the attention weights.
+    layers = get_peft_model_state_dict(unet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    type(pipe).save_lora_weights(out.parent, unet_lora_layers=layers, weight_name=out.name, safe_serialization=True)
+    return LoraTrainingReport(out, len(pairs), steps, time.time() - started, first, last)

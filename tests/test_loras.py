@@ -1,0 +1,147 @@
+"""LoRAs at runtime (named peft adapters switched per job), the kohya layout, and the LoRA trainer."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.generation import ImagineRequest
+from engine.params import parse_prompt
+from engine.registry import load_registry
+from engine.service import Engine
+from tests.conftest import ROOT, mean_abs_diff, pixels
+
+KIT = ROOT / "models" / "loras"
+pytestmark = pytest.mark.skipif(not (KIT / "outline.safetensors").is_file(), reason="the starter kit's LoRAs are not built")
+
+
+def to_kohya(diffusers_file, kohya_file) -> None:
+    """Rewrite a diffusers/peft LoRA in the kohya / A1111 layout that community LoRAs use."""
+    state = load_file(str(diffusers_file))
+    converted = {}
+    for key, value in state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        base = "lora_unet_" + module.removeprefix("unet.").replace(".", "_")
+        converted[f"{base}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
+        if kind.startswith("A"):
+            converted[f"{base}.alpha"] = torch.tensor(float(value.shape[0]))  # alpha = rank: scale 1
+    save_file(converted, str(kohya_file))
+
+
+def registry_with(tmp_path, extra: str = ""):
+    text = (ROOT / "models.toml").read_text().replace('path = "models/', f'path = "{ROOT}/models/') + extra
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    return load_registry(path)
+
+
+def grid(engine, text):
+    return engine.imagine(ImagineRequest(parse_prompt(text + " --seed 11 --steps 6 --n 1"))).images[0]
+
+
+def test_switching_loras_gives_the_pixels_of_a_fresh_load_and_never_reloads(tmp_path):
+    registry = registry_with(tmp_path)
+    switching = Engine(registry, tmp_path / "cache", device="cpu")
+    prompts = ["a red circle <lora:outline>", "a red circle <lora:night:0.8>", "a red circle --model starter-shapes",
+               "a red circle <lora:outline:0.5> <lora:night:0.5>", "a red circle <lora:outline>"]
+    switched = [grid(switching, p) for p in prompts]
+    assert switching.cache.loads == 1  # one pipeline load for five LoRA combinations
+    for text, image in zip(prompts, switched):
+        fresh = Engine(registry, tmp_path / "cache", device="cpu")
+        assert mean_abs_diff(grid(fresh, text), image) < 0.5, text
+        fresh.close()
+    assert mean_abs_diff(switched[0], switched[4]) < 0.5
+    assert mean_abs_diff(switched[0], switched[2]) > 5  # the LoRA does change the picture
+    switching.close()
+
+
+def test_a_kohya_layout_lora_loads_and_matches_the_diffusers_file(tmp_path):
+    to_kohya(KIT / "outline.safetensors", tmp_path / "outline-kohya.safetensors")
+    registry = registry_with(tmp_path, f"""
+[[loras]]
+name = "outline-kohya"
+path = "{tmp_path / 'outline-kohya.safetensors'}"
+family = "starter"
+triggers = ["lineart"]
+weight = 1.0
+""")
+    engine = Engine(registry, tmp_path / "cache", device="cpu")
+    assert mean_abs_diff(grid(engine, "a blue star <lora:outline-kohya>"), grid(engine, "a blue star <lora:outline>")) < 0.5
+    engine.close()
+
+
+def _edge_energy(image) -> float:
+    """Mean absolute difference between neighbouring pixels: contours raise it."""
+    grey = pixels(image).mean(axis=2)
+    return float(np.abs(np.diff(grey, axis=0)).mean() + np.abs(np.diff(grey, axis=1)).mean())
+
+
+def _brightness(image) -> float:
+    return float(pixels(image).mean())
+
+
+def test_the_kit_loras_move_the_output_toward_their_style(tmp_path):
+    registry = registry_with(tmp_path)
+    engine = Engine(registry, tmp_path / "cache", device="cpu")
+    prompts = ["a yellow circle on a blue background", "a green square on a white background",
+               "a red star on a yellow background", "an orange triangle on a purple background"]
+    report = {}
+    for lora, statistic in (("outline", _edge_energy), ("night", _brightness)):
+        plain = np.mean([statistic(grid(engine, p)) for p in prompts])
+        styled = np.mean([statistic(grid(engine, f"{p} <lora:{lora}>")) for p in prompts])
+        report[lora] = (round(float(plain), 3), round(float(styled), 3))
+    print("\nstyle statistics (plain, with LoRA):", json.dumps(report))
+    assert report["outline"][1] > report["outline"][0] * 1.05  # weak: see the README
+    assert report["night"][1] < report["night"][0] * 0.7
+    niji = np.mean([_brightness(grid(engine, f"{p} --niji")) for p in prompts])
+    plain = np.mean([_brightness(grid(engine, p)) for p in prompts])
+    print(f"niji brightness {niji:.1f} vs starter {plain:.1f}")
+    assert niji > plain + 15  # pastel: paler
+    engine.close()
+
+
+def test_the_trainer_writes_a_file_plain_diffusers_loads(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from engine.training.styles import write_style_dataset
+    from studio.cli import main
+
+    dataset = write_style_dataset(tmp_path / "night", "night", 64)
+    out = tmp_path / "night-test.safetensors"
+    assert main(["train-lora", str(dataset), "--base", "starter-shapes", "--trigger", "nightfall", "--out", str(out),
+                 "--steps", "15", "--json"]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models" / "starter-shapes", safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    before = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np").images
+    pipe.load_lora_weights(str(out))
+    after = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np").images
+    assert np.abs(before - after).mean() > 1e-4
+
+
+def test_the_studio_stores_the_route_and_the_worker_applies_it(tmp_path):
+    import asyncio
+
+    from studio.service import Studio
+    from studio.settings import Settings
+    from studio.worker import Worker
+
+    async def scenario():
+        registry_with(tmp_path)
+        studio = await Studio.open(Settings(data_dir=tmp_path / "data", registry=tmp_path / "models.toml"))
+        engine = Engine(studio.registry, tmp_path / "cache", device="cpu")
+        job = await studio.submit_imagine("alice", "a comic book red star --steps 4 --seed 5")
+        assert job.loras == [{"name": "outline", "weight": 1.0}] and "keyword \u201ccomic\u201d" in job.route_reason
+        assert job.prompt == "a comic book red star, lineart"
+        assert await Worker(studio, engine, "test:1:1").run_one()
+        done = await studio.job(job.id)
+        upscale = await studio.submit_from_image("bob", done.images[0].id, "upscale", "detail")
+        assert upscale.loras == job.loras  # an upscale keeps its source's LoRAs
+        assert done.status == "done" and done.settings["prompt"] == "a comic book red star, lineart"
+        engine.close()
+        await studio.close()
+
+    asyncio.run(scenario())

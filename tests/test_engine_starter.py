@@ -223,11 +223,17 @@ def test_unknown_model_names_the_registered_ones(engine):
         engine.imagine(ImagineRequest(prompt("a cat --model /no/such/model.safetensors")))
 
 
-def test_unknown_lora_and_missing_niji_model(engine):
-    with pytest.raises(UnknownModel, match="Unknown LoRA watercolor"):
+def test_unknown_lora_and_missing_niji_model(engine, tmp_path):
+    with pytest.raises(UnknownModel, match="Unknown LoRA 'watercolor'. Registered LoRAs: night, outline"):
         engine.imagine(ImagineRequest(prompt("a fox <lora:watercolor:0.5>")))
-    with pytest.raises(UnknownModel, match="niji"):
-        engine.imagine(ImagineRequest(prompt("a fox --niji")))
+    assert engine.choose_model(prompt("a fox --niji")).name == "starter-niji"
+    from engine.registry import load_registry
+    from engine.routing import route
+
+    bare = tmp_path / "models.toml"
+    bare.write_text('[[models]]\nname = "m"\npath = "m"\nfamily = "starter"\n')
+    with pytest.raises(UnknownModel, match="--niji needs a model tagged `niji`"):
+        route(load_registry(bare), prompt("a fox --niji"))
 
 
 def test_upscale_beyond_the_size_limit_is_refused(engine):

@@ -16,8 +16,8 @@ HALF_LIVES = {"day": timedelta(hours=6), "week": timedelta(days=2)}
 def wilson_lower_bound(up: int, down: int, z: float = Z_95) -> float:
     """Lower bound of the Wilson score interval of up / (up + down); 0 without votes."""
     n = up + down
-    if n <= 0:
-        return 0.0
+    if n <= 0 or up <= 0:
+        return 0.0  # exactly: the formula leaves rounding dust (1e-18) when there are no up-votes
     share = up / n
     centre = share + z * z / (2 * n)
     margin = z * math.sqrt((share * (1 - share) + z * z / (4 * n)) / n)

@@ -58,6 +58,7 @@ class BotWorld:
             "discord_api_base": self.double.api_base, "discord_gateway_url": self.double.gateway_url,
             "discord_progress_interval_s": 0.05, "lease_seconds": 6, **self.overrides})
         self.studio = await Studio.open(self.settings)
+        self.engine_registry = self.engine.registry  # the worker points the shared engine at this test's registry
         self.stop_worker = asyncio.Event()
         self.worker = Worker(self.studio, self.engine, "test:1:1")
         self.worker_task = asyncio.create_task(self.worker.run(self.stop_worker, idle_seconds=0.05))
@@ -82,6 +83,7 @@ class BotWorld:
         await self.worker_task
         await self.studio.close()
         await self.double.stop()
+        self.engine.registry = self.engine_registry
 
     # -- helpers ----------------------------------------------------------------------------------------
 

@@ -107,46 +107,45 @@ def _words(raw: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value)
 
 
-def _lora_entry(raw: dict[str, Any], index: int, base: Path) -> LoraSpec:
-    where = f"models.toml: [[loras]] entry {index + 1}"
+def _checked(raw: Any, index: int, table: str, kind: str, fields: set[str]) -> str:
+    """The checks every [[models]] and [[loras]] entry shares; returns how messages name the entry."""
+    where = f"models.toml: [[{table}]] entry {index + 1}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table.")
-    unknown = set(raw) - _LORA_FIELDS
+    unknown = set(raw) - fields
     if unknown:
-        raise ConfigError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_LORA_FIELDS))}.")
+        raise ConfigError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(fields))}.")
     for required in ("name", "path", "family"):
         if not isinstance(raw.get(required), str) or not raw[required].strip():
             raise ConfigError(f"{where} needs a non-empty text field {required!r}.")
-    where = f"models.toml: LoRA {raw['name']!r}"
+    where = f"models.toml: {kind} {raw['name']!r}"
     if raw["family"] not in FAMILIES:
         raise ConfigError(f"{where}: family must be one of {', '.join(FAMILIES)}; got {raw['family']!r}.")
+    return where
+
+
+def _relative_to(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _lora_entry(raw: dict[str, Any], index: int, base: Path) -> LoraSpec:
+    where = _checked(raw, index, "loras", "LoRA", _LORA_FIELDS)
     weight = raw.get("weight", 0.8)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not -2 <= weight <= 2:
         raise ConfigError(f"{where}: weight must be a number from -2 to 2.")
     group = raw.get("group")
     if group is not None and not isinstance(group, str):
         raise ConfigError(f"{where}: group must be a string.")
-    path = Path(raw["path"]).expanduser()
-    return LoraSpec(name=raw["name"], path=path if path.is_absolute() else base / path, family=raw["family"],
+    return LoraSpec(name=raw["name"], path=_relative_to(base, raw["path"]), family=raw["family"],
                     description=str(raw.get("description", "")), tags=_words(raw, "tags", where),
                     triggers=_words(raw, "triggers", where), keywords=_words(raw, "keywords", where),
                     weight=float(weight), group=group)
 
 
 def _entry(raw: dict[str, Any], index: int, base: Path) -> ModelSpec:
-    where = f"models.toml: [[models]] entry {index + 1}"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table.")
-    unknown = set(raw) - _MODEL_FIELDS
-    if unknown:
-        raise ConfigError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_MODEL_FIELDS))}.")
-    for required in ("name", "path", "family"):
-        if not isinstance(raw.get(required), str) or not raw[required].strip():
-            raise ConfigError(f"{where} needs a non-empty text field {required!r}.")
+    where = _checked(raw, index, "models", "model", _MODEL_FIELDS)
     name = raw["name"]
-    where = f"models.toml: model {name!r}"
-    if raw["family"] not in FAMILIES:
-        raise ConfigError(f"{where}: family must be one of {', '.join(FAMILIES)}; got {raw['family']!r}.")
     tags = raw.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise ConfigError(f"{where}: tags must be a list of strings.")
@@ -161,11 +160,9 @@ def _entry(raw: dict[str, Any], index: int, base: Path) -> ModelSpec:
             raise ConfigError(f"{where}: defaults.{key} must be a positive whole number.")
     if "cfg" in defaults and not (isinstance(defaults["cfg"], (int, float)) and 1 <= defaults["cfg"] <= 30):
         raise ConfigError(f"{where}: defaults.cfg must be a number from 1 to 30.")
-    path = Path(raw["path"]).expanduser()
-    config = Path(raw["config"]).expanduser() if raw.get("config") else None
     return ModelSpec(
-        name=name, path=path if path.is_absolute() else base / path, family=raw["family"],
-        config=(config if config.is_absolute() else base / config) if config else None,
+        name=name, path=_relative_to(base, raw["path"]), family=raw["family"],
+        config=_relative_to(base, raw["config"]) if raw.get("config") else None,
         description=str(raw.get("description", "")), tags=tuple(tags), defaults=dict(defaults),
         triggers=_words(raw, "triggers", where), keywords=_words(raw, "keywords", where),
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dreamloom.errors import InvalidRequest, NotAllowed
@@ -54,6 +54,12 @@ class GuildSettings:
                 raise InvalidRequest(f"At most {MAX_BANNED_WORDS} banned words of up to 100 characters each.")
             changes["banned_words"] = words
         return dataclasses.replace(self, **changes)
+
+    def check_model(self, name: str, tags: tuple[str, ...], age_restricted_channel: bool | None) -> None:
+        """Refuse a model tagged `nsfw` where the server's policy does not allow it."""
+        if "nsfw" in tags and (self.nsfw == "never" or not age_restricted_channel):
+            where = "on this server" if self.nsfw == "never" else "outside age-restricted channels"
+            raise NotAllowed(f"The model {name} is tagged NSFW and is not available {where}.")
 
     def check_prompt(self, text: str) -> None:
         """Refuse a prompt that contains a banned word (whole words, any case), naming the word."""

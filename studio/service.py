@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
+from dreamloom.errors import DreamloomError, InvalidRequest, NotFound
 from engine.images import make_grid, open_image
 from engine.params import apply_defaults, parse_prompt
 from engine.registry import Registry, load_registry
@@ -26,7 +26,7 @@ from storage.database import Database, sqlite_url
 from storage.export import ExportFilter, ExportReport, export_dataset
 from storage.files import ImageStore
 from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
-from storage.models import Guild, Image, Job, User
+from storage.models import Guild, Image, Job
 from studio.guilds import GuildSettings
 from studio.settings import Settings
 
@@ -186,9 +186,8 @@ class Studio:
         text = apply_defaults(text, defaults)
         decision = self.route(text)
         prompt, spec = decision.prompt, decision.spec
-        if rules and "nsfw" in spec.tags and (rules.nsfw == "never" or not age_restricted_channel):
-            where = "on this server" if rules.nsfw == "never" else "outside age-restricted channels"
-            raise NotAllowed(f"The model {spec.name} is tagged NSFW and is not available {where}.")
+        if rules:
+            rules.check_model(spec.name, spec.tags, age_restricted_channel)
         parameters = prompt.to_dict()
         if image_prompt is not None:
             parameters["image_prompt"] = await asyncio.to_thread(self._store_image_prompt, image_prompt)
@@ -219,8 +218,8 @@ class Studio:
             source = await session.get(Job, image.job_id)
         rules = await self.guild_settings(source.guild_id) if source.guild_id else None
         spec = self.registry.models.get(source.model or "")
-        if rules and spec and "nsfw" in spec.tags and (rules.nsfw == "never" or not age_restricted_channel):
-            raise NotAllowed(f"The model {spec.name} is tagged NSFW and is not available here.")
+        if rules and spec:
+            rules.check_model(spec.name, spec.tags, age_restricted_channel)
         parameters = {k: v for k, v in source.parameters.items() if k != "image_prompt"} | {"mode": mode}
         seed = image.seed if kind == "upscale" else self._rng.randrange(0, 2**32 - 4)
         return await self._enqueue(queue.NewJob(

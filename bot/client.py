@@ -12,6 +12,7 @@ import discord
 from discord import app_commands
 
 from bot import render
+from bot.render import user_key
 from bot.buttons import IMAGE_ACTIONS, CancelButton, GalleryPageButton, JobActionButton, gallery_view
 from bot.commands import register_commands
 from bot.delivery import InteractionPost, MessagePost, TokenExpired, follow_job
@@ -23,11 +24,6 @@ NUMBER_EMOJI = {"1\ufe0f\u20e3": 1, "2\ufe0f\u20e3": 2, "3\ufe0f\u20e3": 3, "4\u
 REROLL, VARY_SUBTLE, VARY_STRONG, UPSCALE_CREATIVE = "\U0001f504", "\U0001f3a8", "\U0001f300", "\U0001f50d"
 UP, DOWN, STAR = "\U0001f44d", "\U0001f44e", "\u2b50"
 INTERACTION_LIFETIME_S = 14 * 60  # Discord's interaction tokens last 15 minutes; keep a margin
-
-
-def user_key(user: discord.abc.Snowflake | int) -> str:
-    """The studio's id for a Discord user."""
-    return f"discord:{user if isinstance(user, int) else user.id}"
 
 
 class DreamloomBot(discord.Client):

@@ -8,13 +8,10 @@ from discord import app_commands
 
 from bot import render
 from bot.buttons import cancel_view
+from bot.render import user_key
 from dreamloom.errors import InvalidImage, NotFound
 
 Period = Literal["day", "week", "all", "new"]
-
-
-def _user(interaction: discord.Interaction) -> str:
-    return f"discord:{interaction.user.id}"
 
 
 class AdminCommands(app_commands.Group):
@@ -47,12 +44,12 @@ class AdminCommands(app_commands.Group):
 
     @app_commands.command(name="ban", description="Stop a member from generating (their images leave the gallery)")
     async def ban(self, interaction: discord.Interaction, member: discord.User) -> None:
-        await self.bot.studio.set_banned(f"discord:{member.id}", True)
+        await self.bot.studio.set_banned(user_key(member), True)
         await interaction.response.send_message(f"{member.mention} is banned from generating.", ephemeral=True)
 
     @app_commands.command(name="unban", description="Let a banned member generate again")
     async def unban(self, interaction: discord.Interaction, member: discord.User) -> None:
-        await self.bot.studio.set_banned(f"discord:{member.id}", False)
+        await self.bot.studio.set_banned(user_key(member), False)
         await interaction.response.send_message(f"{member.mention} may generate again.", ephemeral=True)
 
     @app_commands.command(name="banned-words", description="Words refused in prompts (comma-separated; empty clears)")
@@ -117,7 +114,7 @@ def register_commands(bot) -> None:
         async def submit():
             data = await image.read() if image is not None else None
             return await studio.submit_imagine(
-                _user(interaction), text, guild_id=str(interaction.guild_id) if interaction.guild_id else None,
+                user_key(interaction.user), text, guild_id=str(interaction.guild_id) if interaction.guild_id else None,
                 channel_id=str(interaction.channel_id), image_prompt=data,
                 age_restricted_channel=bot.age_restricted(interaction.channel))
 
@@ -129,11 +126,11 @@ def register_commands(bot) -> None:
                        chaos: app_commands.Range[int, 0, 100] | None = None,
                        model: app_commands.Range[str, 1, 200] | None = None,
                        n: app_commands.Range[int, 1, 4] | None = None, reset: bool = False) -> None:
-        defaults = {} if reset else await studio.user_defaults(_user(interaction))
+        defaults = {} if reset else await studio.user_defaults(user_key(interaction.user))
         given = {"ar": ar, "stylize": stylize, "chaos": chaos, "model": model, "n": n}
         defaults.update({k: v for k, v in given.items() if v is not None})
         if reset or any(v is not None for v in given.values()):
-            defaults = await studio.set_user_defaults(_user(interaction), defaults)
+            defaults = await studio.set_user_defaults(user_key(interaction.user), defaults)
         shown = " ".join(f"--{k} {v}" for k, v in defaults.items()) or "none (each prompt says what it wants)"
         await interaction.response.send_message(f"Your defaults: {shown}", ephemeral=True)
 
@@ -149,7 +146,7 @@ def register_commands(bot) -> None:
 
     @tree.command(name="queue", description="Your queued and running jobs (with cancel buttons)")
     async def queue(interaction: discord.Interaction) -> None:
-        jobs = [job for status in ("running", "queued") for job in await studio.jobs(_user(interaction), status, 25)]
+        jobs = [job for status in ("running", "queued") for job in await studio.jobs(user_key(interaction.user), status, 25)]
         if not jobs:
             await interaction.response.send_message("You have no queued or running jobs.", ephemeral=True)
             return

@@ -110,35 +110,35 @@ async def deliver_result(bot, post, job) -> None:
         fields["view"] = grid_view(job) if len(job.images) > 1 else image_view(job.images[0].id)
     for attempt in range(FINAL_ATTEMPTS):
         try:
-            if "attachments" in fields and fields["attachments"]:
-                for file in fields["attachments"]:
-                    file.reset()
+            _rewind(fields)
             message_id = await post.edit(**fields)
             break
         except TokenExpired:
-            message_id = await _send_new(bot, post.channel, fields)
+            message_id = await _send_new(post.channel, fields)
             break
         except discord.HTTPException as error:
             if attempt == FINAL_ATTEMPTS - 1 or (error.status < 500 and error.status != 429):
                 log.warning("could not edit the message of job %s (%s); sending a new one", job.id, error)
-                message_id = await _send_new(bot, post.channel, fields)
+                message_id = await _send_new(post.channel, fields)
                 break
             await asyncio.sleep(min(30, 2 ** attempt))
     await bot.studio.attach_message(job.id, str(post.channel.id), str(message_id))
 
 
-async def _send_new(bot, channel, fields: dict[str, Any]) -> int:
-    files = fields.get("attachments") or []
-    for file in files:
+def _rewind(fields: dict[str, Any]) -> None:
+    # A failed upload consumed the files: every attempt sends them from the start.
+    for file in fields["attachments"]:
         file.reset()
+
+
+async def _send_new(channel, fields: dict[str, Any]) -> int:
     for attempt in range(FINAL_ATTEMPTS):
+        _rewind(fields)
         try:
-            message = await channel.send(content=fields["content"], files=files, view=fields.get("view"))
+            message = await channel.send(content=fields["content"], files=fields["attachments"], view=fields.get("view"))
             return message.id
         except discord.HTTPException:
             if attempt == FINAL_ATTEMPTS - 1:
                 raise
             await asyncio.sleep(min(30, 2 ** attempt))
-            for file in files:
-                file.reset()
     raise RuntimeError("unreachable")

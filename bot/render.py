@@ -20,6 +20,11 @@ def clip(text: str, limit: int = MAX_CONTENT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+def user_key(user) -> str:
+    """The studio's id for a Discord user (a user object or a bare id); `mention` is the way back."""
+    return f"discord:{user if isinstance(user, int) else user.id}"
+
+
 def mention(user_id: str) -> str:
     """`discord:123` -> `<@123>`; other front doors' users by name."""
     return f"<@{user_id.split(':', 1)[1]}>" if user_id.startswith("discord:") else user_id

@@ -127,15 +127,14 @@ def route(registry: Registry, prompt: PromptRequest, embedder: Embedder | None =
 
     # 1. The model, when the prompt names it or says something only one model is for.
     spec: ModelSpec | None = None
-    explicit_model = False
     if prompt.model:
-        spec, explicit_model = registry.resolve(prompt.model), True
+        spec = registry.resolve(prompt.model)
         reasons.append(f"model {spec.name}: asked for with --model")
     elif prompt.niji:
         niji = [m for m in registry.models.values() if "niji" in m.tags]
         if not niji:
             raise UnknownModel("--niji needs a model tagged `niji` in models.toml; none is registered.")
-        spec, explicit_model = niji[0], True
+        spec = niji[0]
         reasons.append(f"model {spec.name}: --niji")
     elif auto:
         matches = sorted(((m[0], name, m[1]) for name, entry in registry.models.items()
@@ -197,7 +196,8 @@ def route(registry: Registry, prompt: PromptRequest, embedder: Embedder | None =
         if lora.group and lora.group in groups:
             reasons.append(f"LoRA {lora.name} skipped: another {lora.group} LoRA is already applied")
             continue
-        groups.add(lora.group) if lora.group else None
+        if lora.group:
+            groups.add(lora.group)
         chosen.append((lora, lora.weight, why))
     if len(chosen) > max_loras:
         raise InvalidPrompt(f"At most {max_loras} LoRAs per prompt; got {len(chosen)}.", "lora")
@@ -232,7 +232,3 @@ def _base_for(registry: Registry, family: str, reasons: list[str], why: str) -> 
     reasons.append(f"model {spec.name}: a {family} base for {why}")
     return spec
 
-
-def choose_model(registry: Registry, prompt: PromptRequest) -> ModelSpec:
-    """The model a prompt runs on (see `route`)."""
-    return route(registry, prompt).spec

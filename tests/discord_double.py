@@ -456,7 +456,7 @@ class DiscordDouble:
             message = self._create(handle.channel_id, {**data, "flags": flags}, files, interaction=handle)
             handle.original_id = message["id"]
         elif kind == 7:
-            source = self._source_message(handle)
+            source = handle.source_message_id
             message = self._edit(source, data, files) if source else None
         elif kind == 8:
             self.autocomplete[handle.token] = data.get("choices", [])
@@ -466,9 +466,6 @@ class DiscordDouble:
                                       "response_message_ephemeral": bool(message["flags"] & 64)}
             result["resource"]["message"] = message
         return self._json(result)
-
-    def _source_message(self, handle: Interaction) -> str | None:
-        return handle.source_message_id
 
     def _attachments(self, body: dict[str, Any], files, existing: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kept = {str(a.get("id")) for a in body.get("attachments", [])}

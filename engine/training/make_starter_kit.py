@@ -41,10 +41,10 @@ def main() -> None:
             handle.write(line + "\n")
 
     with tempfile.TemporaryDirectory() as scratch:
-        for style, trigger in (("outline", "lineart"), ("night", "nightfall"), ("pastel", "pastelwave")):
+        for seed, (style, trigger) in enumerate((("outline", "lineart"), ("night", "nightfall"), ("pastel", "pastelwave"))):
             if style not in args.only:
                 continue
-            dataset = write_style_dataset(Path(scratch) / style, style, args.images, seed=hash(style) & 0xFF)
+            dataset = write_style_dataset(Path(scratch) / style, style, args.images, seed=seed)
             out = loras / f"{style}.safetensors" if style != "pastel" else Path(scratch) / "pastel.safetensors"
             report = train_lora(dataset, starter, trigger, out, steps=args.steps, device=args.device,
                                 cache_dir=Path(scratch) / "cache", log=log)

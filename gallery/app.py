@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from urllib.parse import urlencode
 
 import aiohttp_jinja2
 import jinja2
@@ -79,12 +80,17 @@ def _item_json(item) -> dict:
 
 async def _gallery(request: web.Request, title: str, **fixed) -> web.Response:
     query = _query(request, **fixed)
-    items, more = await request.app[STUDIO].gallery(query)
-    base = request.path
+    studio = request.app[STUDIO]
+    items, more = await studio.gallery(query)
+    filters = {"model": fixed.get("model"), "lora": fixed.get("lora"), "user": fixed.get("user_id")}
+    hidden = set(studio.hidden_models())
+    catalog = studio.catalog()
     return aiohttp_jinja2.render_template("gallery.html", request, {
         "title": title, "items": [_item_json(i) for i in items], "period": query.period, "periods": PERIOD_TITLES,
-        "page": query.page, "more": more, "base": base, "api": "/api/gallery?" + "&".join(
-            f"{k}={v}" for k, v in (("model", fixed.get("model")), ("user", fixed.get("user_id"))) if v),
+        "page": query.page, "more": more, "base": request.path,
+        "api": "/api/gallery?" + urlencode({k: v for k, v in filters.items() if v}),
+        "models": [m["name"] for m in catalog["models"] if m["name"] not in hidden],
+        "loras": [lora["name"] for lora in catalog["loras"]],
     })
 
 
@@ -95,6 +101,11 @@ async def index(request: web.Request) -> web.Response:
 async def by_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     return await _gallery(request, f"Model {name}", model=name)
+
+
+async def by_lora(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    return await _gallery(request, f"LoRA {name}", lora=name)
 
 
 async def by_member(request: web.Request) -> web.Response:
@@ -199,7 +210,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 
 async def api_gallery(request: web.Request) -> web.Response:
-    fixed = {k: v for k, v in (("model", request.query.get("model")), ("user_id", request.query.get("user"))) if v}
+    fixed = {"model": request.query.get("model"), "lora": request.query.get("lora"), "user_id": request.query.get("user")}
+    fixed = {field: value for field, value in fixed.items() if value}
     items, more = await request.app[STUDIO].gallery(_query(request, **fixed))
     return web.json_response({"items": [_item_json(i) for i in items], "more": more})
 
@@ -241,6 +253,7 @@ def create_app(studio: Studio) -> web.Application:
     app.add_routes([
         web.get("/", index),
         web.get("/model/{name:[A-Za-z0-9._-]{1,200}}", by_model),
+        web.get("/lora/{name:[A-Za-z0-9._-]{1,200}}", by_lora),
         web.get("/member/{user:[A-Za-z0-9:._-]{1,100}}", by_member),
         web.get(f"/image/{number}", image_page),
         web.get(f"/files/{number}.png", image_file),

@@ -8,7 +8,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dreamloom.errors import InvalidRequest
-from storage.models import Guild, Image, Job, User, utcnow
+from storage.models import Guild, Image, Job, JobLora, User, utcnow
 from storage.ranking import rank_key
 
 PERIODS = {"day": timedelta(days=1), "week": timedelta(days=7), "all": None, "new": None}
@@ -37,12 +37,13 @@ class GalleryItem:
 
 @dataclass(frozen=True)
 class GalleryQuery:
-    """What a gallery page shows: a period, optional model / member / guild, and what stays hidden."""
+    """What a gallery page shows: a period, optional model / LoRA / member / guild, and what stays hidden."""
 
     period: str = "day"
     page: int = 1
     per_page: int = 24
     model: str | None = None
+    lora: str | None = None
     user_id: str | None = None
     guild_id: str | None = None
     hidden_models: tuple[str, ...] = ()
@@ -99,6 +100,9 @@ async def gallery_page(session: AsyncSession, query: GalleryQuery, now: datetime
         candidates = select(Image.id).order_by(*order).limit(limit)
         if window is not None:
             candidates = candidates.where(Image.created_at >= now - window)
+        if query.lora:
+            # Filtered while choosing candidates: a rarely used LoRA would otherwise need many rounds of them.
+            candidates = candidates.where(Image.job_id.in_(select(JobLora.job_id).where(JobLora.name == query.lora)))
         ids = list((await session.scalars(candidates)).all())
         rows = []
         for chunk in range(0, len(ids), ID_CHUNK):

@@ -113,6 +113,17 @@ class Job(Base):
     )
 
 
+class JobLora(Base):
+    """A LoRA a job used, one row per name: the per-LoRA gallery filters on it (`jobs.loras` keeps the weights)."""
+
+    __tablename__ = "job_loras"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+    __table_args__ = (Index("ix_job_loras_name", "name", "job_id"),)
+
+
 class Image(Base):
     """One generated image; `parent_image_id` links upscales and variations to their source."""
 

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dreamloom.errors import LimitReached, NotAllowed, NotFound
-from storage.models import Image, Job, User, utcnow
+from storage.models import Image, Job, JobLora, User, utcnow
 
 UPSCALE_PRIORITY = 1
 
@@ -90,6 +90,8 @@ async def enqueue(session: AsyncSession, new: NewJob, *, max_queued_per_user: in
     session.add(job)
     await session.execute(update(User).where(User.id == new.user_id).values(queued_count=User.queued_count + 1))
     await session.flush()
+    names = {entry["name"] for entry in new.loras if isinstance(entry, dict) and entry.get("name")}
+    session.add_all(JobLora(job_id=job.id, name=name) for name in sorted(names))
     return job
 
 

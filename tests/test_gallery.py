@@ -49,22 +49,28 @@ class Site:
         registry.write_text(
             'default = "starter-shapes"\n'
             f'[[models]]\nname = "starter-shapes"\npath = "{starter}"\nfamily = "starter"\n'
-            f'[[models]]\nname = "starter-nsfw"\npath = "{starter}"\nfamily = "starter"\ntags = ["nsfw"]\n')
+            f'[[models]]\nname = "starter-nsfw"\npath = "{starter}"\nfamily = "starter"\ntags = ["nsfw"]\n'
+            f'[[loras]]\nname = "outline"\npath = "{ROOT / "models" / "loras" / "outline.safetensors"}"\n'
+            'family = "starter"\ndescription = "Bold black outlines."\n')
         self.env = {**os.environ, "DREAMLOOM_DATA_DIR": str(self.data), "DREAMLOOM_REGISTRY": str(registry),
                     "DREAMLOOM_GALLERY_PORT": str(self.port), "DREAMLOOM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
                     "DREAMLOOM_MAX_QUEUED_PER_USER": "50"}
         self.env.pop("DREAMLOOM_CONFIG", None)
         self.settings = Settings(data_dir=self.data, registry=registry, max_queued_per_user=50)
-        self.process = subprocess.Popen([str(DREAMLOOM), "serve"], env=self.env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+        # Output to a file, not a pipe nobody reads: a full pipe would block the server mid-test.
+        self.log = tmp / "serve.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen([str(DREAMLOOM), "serve"], env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT)
         deadline = time.time() + 120
-        while time.time() < deadline:
+        while time.time() < deadline and self.process.poll() is None:
             try:
                 if _get(self.base + "/")[0] == 200:
                     return
             except OSError:
                 time.sleep(0.3)
-        raise RuntimeError("the gallery did not start")
+        self.stop()
+        raise RuntimeError("the gallery did not start: " + self.log.read_text(errors="replace")[-2000:])
 
     def studio(self, work):
         async def run():
@@ -88,20 +94,30 @@ class Site:
         raise AssertionError(f"job {job_id} did not finish")
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.communicate(timeout=120)
+        """Stop the server (also when the fixture's set-up failed, so no `serve` outlives the tests)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     site = Site(tmp_path_factory.mktemp("gallery"))
-    grid = site.studio(lambda s: s.submit_imagine("alice", "a red circle on a blue background --seed 7 --steps 10"))
-    site.grid = site.wait_done(grid.id)
-    first = site.grid["images"][0]["id"]
-    upscale = site.studio(lambda s: s.submit_from_image("bob", first, "upscale", "detail"))
-    site.upscale = site.wait_done(upscale.id)
-    yield site
-    site.stop()
+    try:
+        grid = site.studio(lambda s: s.submit_imagine("alice", "a red circle on a blue background --seed 7 --steps 10"))
+        site.grid = site.wait_done(grid.id)
+        first = site.grid["images"][0]["id"]
+        upscale = site.studio(lambda s: s.submit_from_image("bob", first, "upscale", "detail"))
+        site.upscale = site.wait_done(upscale.id)
+        outlined = site.studio(lambda s: s.submit_imagine("erin", "a yellow triangle --lora outline --seed 3 --steps 10 --n 1"))
+        site.outlined = site.wait_done(outlined.id)
+        yield site
+    finally:
+        site.stop()
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +154,26 @@ def test_browse_the_gallery_open_an_image_and_follow_its_lineage(site, browser):
     page.click("a.parent")
     assert page.url.endswith(f"/image/{source}")
     page.close()
+
+
+def test_a_loras_page_lists_the_images_made_with_it(site, browser):
+    page = browser.new_page()
+    outlined = site.outlined["images"][0]["id"]
+    page.goto(f"{site.base}/image/{outlined}")
+    assert page.inner_text("#loras").startswith("outline")
+    page.click("#loras a.lora")
+    assert page.url.endswith("/lora/outline")
+    assert page.inner_text("h1") == "LoRA outline"
+    page.click("nav.tabs >> text=All time")
+    shown = {int(card.get_attribute("data-id")) for card in page.locator("#grid .card").all()}
+    assert shown == {outlined}  # not the plain grid nor its upscale
+    page.goto(site.base + "/?period=all")
+    page.click("#browse a.lora >> text=outline")  # the gallery links every LoRA's page
+    assert page.url.endswith("/lora/outline?period=all")
+    page.close()
+    items = json.loads(_get(site.base + "/api/gallery?period=all&lora=outline")[1])["items"]
+    assert [item["id"] for item in items] == [outlined]
+    assert json.loads(_get(site.base + "/api/gallery?period=all&lora=nobody")[1])["items"] == []
 
 
 def test_vote_from_the_image_page(site, browser):
@@ -201,7 +237,7 @@ def test_json_api_and_ranking_by_votes(site):
     ("/image/../../etc/passwd", 404), ("/files/..%2F..%2Fetc%2Fpasswd", 404), ("/files/%2e%2e/x.png", 404),
     ("/files/1.png/../../../etc/passwd", 404), ("/%2e%2e/%2e%2e/etc/passwd", 404), ("/image/999999", 404),
     ("/api/images/999999", 404), ("/api/jobs/999999", 404), ("/files/999999.png", 404), ("/image/abc", 404),
-    ("/model/..%2F..%2Fetc", 404), ("/?page=99999999", 400), ("/?page=-1", 400), ("/?page=1001", 400),
+    ("/model/..%2F..%2Fetc", 404), ("/lora/..%2F..%2Fetc", 404), ("/lora/a%20b", 404), ("/lora/x?page=0", 400), ("/?page=99999999", 400), ("/?page=-1", 400), ("/?page=1001", 400),
     ("/?period=forever", 400), ("/api/gallery?per_page=100000", 400), ("/image/1" + "1" * 30, 404),
 ])
 def test_hostile_urls_get_404_or_400(site, path, expected):

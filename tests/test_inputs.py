@@ -112,6 +112,8 @@ def test_grid_layout():
     ('[[models]]\nname = "a"\npath = "x"\nfamily = "sd15"\n[models.defaults]\nsteps = 0\n', "defaults.steps"),
     ('[[models]]\nname = "a"\npath = "x"\nfamily = "sd15"\n[models.defaults]\nspeed = 3\n', "unknown default(s) speed"),
     ("models = [ this is not toml", "not valid TOML"),
+    ('[[models]]\nname = "my model"\npath = "x"\nfamily = "sd15"\n', "model 'my model': a name may only use"),
+    ('[[loras]]\nname = "a/b"\npath = "x"\nfamily = "sd15"\n', "LoRA 'a/b': a name may only use"),
 ])
 def test_bad_registry_entries_name_the_entry_and_field(tmp_path, body, fragment):
     path = tmp_path / "models.toml"

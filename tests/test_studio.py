@@ -12,7 +12,8 @@ from dreamloom.errors import InvalidPrompt, InvalidRequest, LimitReached, NotAll
 from storage import queue
 from storage.database import Database
 from storage.export import ExportFilter
-from storage.models import Image, Job
+from storage.gallery import GalleryQuery
+from storage.models import Image, Job, JobLora, User
 from studio.service import Studio
 from studio.settings import Settings
 from tests.conftest import ROOT
@@ -55,10 +56,10 @@ def test_migrations_from_empty_to_head_and_back(database_url):
         db = Database(database_url)
         assert await db.revision() is None
         await db.upgrade()
-        assert await db.revision() == Database.head() == "0003"
+        assert await db.revision() == Database.head() == "0004"
         async with db.engine.connect() as connection:
             tables = await connection.run_sync(lambda sync: set(inspect(sync).get_table_names()))
-        assert {"jobs", "images", "votes", "users", "guilds", "favourites"} <= tables
+        assert {"jobs", "images", "votes", "users", "guilds", "favourites", "job_loras"} <= tables
         await db.downgrade("base")
         assert await db.revision() is None
         await db.upgrade()
@@ -66,6 +67,57 @@ def test_migrations_from_empty_to_head_and_back(database_url):
         await db.close()
 
     run(scenario())
+
+
+def test_migration_0004_lists_the_loras_of_existing_jobs(database_url):
+    async def scenario():
+        db = Database(database_url)
+        await db.upgrade("0003")
+        async with db.session() as session:
+            session.add(User(id="alice", display_name="alice", defaults={}))
+            await session.flush()
+            session.add_all([
+                Job(kind="imagine", user_id="alice", raw_prompt="a", loras=[{"name": "outline", "weight": 1.0},
+                                                                             {"name": "night", "weight": 0.5}]),
+                Job(kind="imagine", user_id="alice", raw_prompt="b", loras=[]),
+                Job(kind="imagine", user_id="alice", raw_prompt="c", loras=[{"name": "night", "weight": 1.0}]),
+            ])
+        await db.upgrade()
+        async with db.session() as session:
+            rows = (await session.execute(select(JobLora.job_id, JobLora.name).order_by(JobLora.job_id, JobLora.name))).all()
+        assert [tuple(row) for row in rows] == [(1, "night"), (1, "outline"), (3, "night")]
+        await db.close()
+
+    run(scenario())
+
+
+def test_gallery_by_lora_lists_its_images_and_their_upscales(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path)
+        with_outline = await studio.submit_imagine("alice", "a red circle --lora outline --seed 1")
+        plain = await studio.submit_imagine("bob", "a blue star --seed 2")
+        with_both = await studio.submit_imagine("carol", "a green square <lora:night:0.7> --lora outline:0.5")
+        outline_images = await finish(studio, with_outline.id) + await finish(studio, with_both.id)
+        await finish(studio, plain.id)
+        upscale = await studio.submit_from_image("dave", outline_images[0], "upscale", "detail")
+        outline_images += await finish(studio, upscale.id, count=1)  # an upscale keeps its source's LoRAs
+
+        async def listed(**filters):
+            items, _ = await studio.gallery(GalleryQuery(period="all", per_page=100, **filters))
+            return sorted(item.image_id for item in items)
+
+        assert await listed(lora="outline") == sorted(outline_images)
+        assert await listed(lora="night") == sorted(await finish_ids(studio, with_both.id))
+        assert await listed(lora="nobody-uses-this") == []
+        assert await listed(lora="outline", user_id="carol") == sorted(await finish_ids(studio, with_both.id))
+        await studio.close()
+
+    run(scenario())
+
+
+async def finish_ids(studio: Studio, job_id: int) -> list[int]:
+    async with studio.db.session() as session:
+        return list((await session.scalars(select(Image.id).where(Image.job_id == job_id).order_by(Image.id))).all())
 
 
 def test_fairness_a_big_queue_does_not_starve_a_small_one(database_url, tmp_path):

@@ -3,7 +3,8 @@
     .venv/bin/python bench/gallery_bench.py [--images 100000] [--votes-per-image 10] [--no-postgres]
 
 Requests go through the real aiohttp application in process (query and template rendering
-included, network excluded): the first gallery page of each period and image pages.
+included, network excluded): the first gallery page of each period, LoRA pages (a LoRA used by 10% of
+jobs and one used by 0.5%) and image pages.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 
 from gallery.app import create_app  # noqa: E402
-from storage.models import Image, Job, User, Vote, utcnow  # noqa: E402
+from storage.models import Image, Job, JobLora, User, Vote, utcnow  # noqa: E402
 from storage.ranking import wilson_lower_bound  # noqa: E402
 from studio.service import Studio  # noqa: E402
 from studio.settings import Settings  # noqa: E402
@@ -44,12 +45,17 @@ async def fill(studio: Studio, images: int, votes_per_image: int) -> None:
                                               "queued_count": 0, "created_at": now} for i in range(USERS)])
     batch = 5000
     for start in range(1, images + 1, batch):
-        jobs, rows, votes = [], [], []
+        jobs, rows, votes, job_loras = [], [], [], []
         for image_id in range(start, min(images, start + batch - 1) + 1):
             created = now - timedelta(minutes=rng.randrange(60 * 24 * 30))
+            draw = rng.random()
+            lora = "outline" if draw < 0.10 else "night" if draw < 0.105 else None
+            if lora:
+                job_loras.append({"job_id": image_id, "name": lora})
             jobs.append({"id": image_id, "kind": "imagine", "status": "done", "priority": 0,
                          "user_id": f"u{rng.randrange(USERS)}", "raw_prompt": f"prompt {image_id}",
-                         "prompt": f"prompt {image_id}", "negative_prompt": "", "parameters": {"n": 1}, "loras": [],
+                         "prompt": f"prompt {image_id}", "negative_prompt": "", "parameters": {"n": 1},
+                         "loras": [{"name": lora, "weight": 1.0}] if lora else [],
                          "model": "starter-shapes", "attempts": 1, "max_attempts": 3, "cancel_requested": False,
                          "created_at": created, "settings": {"seeds": [image_id]}})
             voters = rng.sample(range(USERS), votes_per_image)
@@ -63,6 +69,8 @@ async def fill(studio: Studio, images: int, votes_per_image: int) -> None:
         async with studio.db.session() as session:
             await session.execute(insert(Job), jobs)
             await session.execute(insert(Image), rows)
+            if job_loras:
+                await session.execute(insert(JobLora), job_loras)
             await session.execute(insert(Vote), votes)
     if studio.db.is_sqlite:
         async with studio.db.engine.connect() as connection:
@@ -70,7 +78,7 @@ async def fill(studio: Studio, images: int, votes_per_image: int) -> None:
     if not studio.db.is_sqlite:
         async with studio.db.engine.connect() as connection:
             await connection.exec_driver_sql("COMMIT")
-            for table in ("jobs", "images", "votes", "users"):
+            for table in ("jobs", "images", "votes", "users", "job_loras"):
                 await connection.exec_driver_sql(f"ANALYZE {table}")
 
 
@@ -98,6 +106,8 @@ async def measure(url: str | None, data: Path, images: int, votes_per_image: int
 
     for period in ("day", "week", "all", "new"):
         report[f"first_page_{period}"] = await timed_gets(lambda: f"/?period={period}")
+    report["lora_page_common_all"] = await timed_gets(lambda: "/lora/outline?period=all")
+    report["lora_page_rare_week"] = await timed_gets(lambda: "/lora/night?period=week")
     report["image_page"] = await timed_gets(lambda: f"/image/{rng.randrange(1, images + 1)}")
     await client.close()
     await studio.close()

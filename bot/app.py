@@ -22,6 +22,7 @@ def point_at(api_base: str, gateway_url: str) -> None:
 async def start_bot(studio, settings, announce=print, **options):
     """Connect the bot in the background; returns the coroutine function that disconnects it."""
     point_at(settings.discord_api_base, settings.discord_gateway_url)
+    await studio.prepare_routing()  # Discord allows 3 seconds before the first reply: nothing heavy on the way
     bot = DreamloomBot(studio, settings, **options)
     try:
         await bot.login(settings.discord_token)  # a wrong token fails here, at start, with a clear message

@@ -272,6 +272,7 @@ def create_app(studio: Studio) -> web.Application:
 
 async def start_gallery(studio: Studio, settings, announce=print):
     """Serve the gallery on the configured address (a `serve` front door); returns its cleanup."""
+    await studio.prepare_routing()
     runner = web.AppRunner(create_app(studio), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.gallery_host, settings.gallery_port).start()

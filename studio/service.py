@@ -20,7 +20,7 @@ from dreamloom.errors import DreamloomError, InvalidRequest, NotFound
 from engine.images import make_grid, open_image
 from engine.params import apply_defaults, parse_prompt
 from engine.registry import Registry, load_registry
-from engine.routing import RouteDecision, route
+from engine.routing import RouteDecision, prepare_routing, route
 from storage import queue, votes
 from storage.database import Database, sqlite_url
 from storage.export import ExportFilter, ExportReport, export_dataset
@@ -131,6 +131,10 @@ class Studio:
         """The model and LoRAs a prompt would run on, and why (`dreamloom route`)."""
         self.refresh_registry()
         return route(self.registry, parse_prompt(text))
+
+    async def prepare_routing(self) -> None:
+        """Load what routing needs ahead of the first prompt (front doors call it as they start)."""
+        await asyncio.to_thread(prepare_routing, self.registry)
 
     def refresh_registry(self) -> None:
         """Hot reload: read models.toml again when it changed on disk (a broken file keeps the last good one)."""

@@ -78,12 +78,16 @@ class BotWorld:
         await self.start_bot(**options)
 
     async def __aexit__(self, *exc) -> None:
-        await self.stop_bot()
+        # Every step bounded and every step run: a test that failed mid-job must fail, not hang in its teardown.
         self.stop_worker.set()
-        await self.worker_task
-        await self.studio.close()
-        await self.double.stop()
-        self.engine.registry = self.engine_registry
+        try:
+            await asyncio.wait_for(self.stop_bot(), 60)
+            await asyncio.wait_for(self.worker_task, 120)
+        finally:
+            self.worker_task.cancel()
+            await self.studio.close()
+            await asyncio.wait_for(self.double.stop(), 60)
+            self.engine.registry = self.engine_registry
 
     # -- helpers ----------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dreamloom.errors import InvalidPrompt
 from engine.families import Family, get_family, image_size
-from engine.params import PromptRequest, WeightedPrompt
+from engine.params import LoraChoice, PromptRequest, WeightedPrompt
 from engine.registry import ModelSpec
 
 # Variation strengths (img2img denoising strength): subtle keeps composition and colours.
@@ -68,6 +68,7 @@ class GenerationSettings:
     tile: bool
     strength: float | None = None  # img2img denoising strength, None for text-to-image
     kind: str = "imagine"
+    loras: tuple[LoraChoice, ...] = ()  # as routed: names with the weights applied
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view."""
@@ -147,4 +148,5 @@ def resolve_settings(
         model=spec.name, family=family.name, prompt=prompt.prompt, parts=prompt.parts,
         negative_prompt=prompt.negative_prompt, width=width, height=height, seeds=seeds, steps=steps, cfg=cfg,
         sampler=sampler, chaos=prompt.chaos, stylize=prompt.stylize, tile=prompt.tile, strength=strength, kind=kind,
+        loras=tuple(prompt.loras),
     )

@@ -21,6 +21,8 @@ def a1111_parameters(settings: GenerationSettings, seed: int, size: tuple[int, i
     """The A1111 `parameters` text for one image of a run."""
     width, height = size or (settings.width, settings.height)
     prompt = " ".join(f"{p.text}::{p.weight:g}" for p in settings.parts) if len(settings.parts) > 1 else settings.prompt
+    # A1111 records LoRAs as tags in the prompt; tools that read its metadata (Civitai, image browsers) expect them there.
+    prompt += "".join(f" <lora:{lora.name}:{lora.weight if lora.weight is not None else 1:g}>" for lora in settings.loras)
     fields = [
         ("Steps", settings.steps), ("Sampler", SAMPLER_NAMES.get(settings.sampler, settings.sampler)),
         ("CFG scale", f"{settings.cfg:g}"), ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", settings.model),

@@ -12,7 +12,7 @@ from dreamloom.errors import ConfigError, InvalidImage
 from engine.generation import GenerationSettings
 from engine.images import make_grid, open_image
 from engine.metadata import a1111_parameters, png_bytes, read_parameters
-from engine.params import WeightedPrompt
+from engine.params import LoraChoice, WeightedPrompt
 from engine.registry import load_registry
 
 
@@ -87,6 +87,12 @@ def test_png_carries_a1111_parameters_that_read_back():
     assert parsed["prompt"] == "a red circle" and parsed["negative_prompt"] == "blue, green"
     assert parsed["Seed"] == "8" and parsed["Sampler"] == "DPM++ 2M Karras" and parsed["Chaos"] == "30"
     assert parsed["dreamloom"] == {"seed": 8}
+
+
+def test_loras_are_written_as_a1111_prompt_tags():
+    text = a1111_parameters(_settings(loras=(LoraChoice("outline", 0.8), LoraChoice("night", 1.0))), seed=8)
+    assert text.splitlines()[0] == "a red circle <lora:outline:0.8> <lora:night:1>"
+    assert "Steps: 20" in text.splitlines()[-1]
 
 
 def test_multi_prompt_is_written_with_weights():

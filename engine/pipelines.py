@@ -254,22 +254,31 @@ def upscale(entry: CacheEntry, source: Image.Image, settings: GenerationSettings
     return Image.fromarray(np.clip(canvas / np.maximum(weight, 1e-6), 0, 255).round().astype(np.uint8))
 
 
-def activate_loras(entry, loras, registry) -> None:
+MAX_LOADED_LORAS = 8  # LoRA adapters kept loaded per cached pipeline
+
+
+def activate_loras(entry, loras, registry, max_loaded: int = MAX_LOADED_LORAS) -> None:
     """Make exactly `loras` active on the cached pipeline, with their weights.
 
     1. Each LoRA is loaded once per pipeline as a named peft adapter (diffusers/peft or kohya/A1111 files).
-    2. `set_adapters` activates this job's adapters and weights: switching LoRAs never reloads the pipeline.
-    3. A job without LoRAs disables the adapter layers (their weights stay loaded for the next job).
+    2. At most `max_loaded` adapters stay loaded: the least recently used ones this job does not need are deleted.
+    3. `set_adapters` activates this job's adapters and weights: switching LoRAs never reloads the pipeline.
+    4. A job without LoRAs disables the adapter layers (their weights stay loaded for the next job).
     """
     pipe = entry.pipe
+    wanted = {_adapter_name(choice.name) for choice in loras}
     for choice in loras:
         spec = registry.lora(choice.name)
         adapter = _adapter_name(spec.name)
         if entry.adapters.get(adapter) == str(spec.path):
+            entry.adapters[adapter] = entry.adapters.pop(adapter)  # most recently used last
             continue
         if adapter in entry.adapters:  # the registry now points the name at another file
             pipe.delete_adapters(adapter)
             del entry.adapters[adapter]
+        for old in [name for name in entry.adapters if name not in wanted][:max(0, len(entry.adapters) + 1 - max_loaded)]:
+            pipe.delete_adapters(old)  # loaded adapters hold memory the model cache's budget does not count
+            del entry.adapters[old]
         if not spec.path.is_file():
             raise UnknownModel(f"LoRA {spec.name}: no file at {spec.path}.")
         try:

@@ -71,8 +71,10 @@ class Engine:
     """Generates images for requests; safe to call from asyncio through the `*_async` methods."""
 
     def __init__(self, registry: Registry, cache_dir: Path, *, device: str | None = None,
-                 memory_budget_bytes: int | None = None, rng: random.Random | None = None) -> None:
+                 memory_budget_bytes: int | None = None, rng: random.Random | None = None,
+                 max_loaded_loras: int = pipelines.MAX_LOADED_LORAS) -> None:
         self.registry = registry
+        self.max_loaded_loras = max_loaded_loras
         self.cache_dir = Path(cache_dir)
         self.device = pick_device(device)
         self.rng = rng or random.SystemRandom()
@@ -109,7 +111,7 @@ class Engine:
         started = time.perf_counter()
         try:
             with self.cache.acquire(spec) as entry:
-                pipelines.activate_loras(entry, loras, self.registry)
+                pipelines.activate_loras(entry, loras, self.registry, self.max_loaded_loras)
                 loaded = time.perf_counter()
                 images = work(entry)
         except torch.cuda.OutOfMemoryError:

@@ -58,6 +58,27 @@ def test_switching_loras_gives_the_pixels_of_a_fresh_load_and_never_reloads(tmp_
     switching.close()
 
 
+def test_least_recently_used_adapters_are_unloaded_beyond_the_limit(tmp_path):
+    registry = registry_with(tmp_path)
+    engine = Engine(registry, tmp_path / "cache", device="cpu", max_loaded_loras=1)
+
+    def loaded():
+        with engine.cache.acquire(registry.resolve(None)) as entry:
+            return sorted(entry.adapters), sorted(entry.pipe.unet.peft_config)
+
+    first = grid(engine, "a red circle <lora:outline>")
+    assert loaded()[0] == loaded()[1] and len(loaded()[0]) == 1
+    grid(engine, "a red circle <lora:night>")
+    names, in_unet = loaded()
+    assert len(names) == 1 and names == in_unet and "outline" not in " ".join(names)  # outline was unloaded
+    again = grid(engine, "a red circle <lora:outline>")  # loaded again from its file: the same picture
+    assert mean_abs_diff(first, again) < 0.5
+    both = grid(engine, "a red circle <lora:outline:0.5> <lora:night:0.5>")  # a job may need more than the limit
+    assert len(loaded()[0]) == 2 and mean_abs_diff(both, first) > 1
+    assert engine.cache.loads == 1
+    engine.close()
+
+
 def test_a_kohya_layout_lora_loads_and_matches_the_diffusers_file(tmp_path):
     to_kohya(KIT / "outline.safetensors", tmp_path / "outline-kohya.safetensors")
     registry = registry_with(tmp_path, f"""

@@ -47,6 +47,11 @@ async def finish(studio: Studio, job_id: int, worker: str = "test-worker", count
         parent = job.parent_image_id
         images = [queue.NewImage(i.index_in_job, i.seed, 8, 8, i.sha256, i.path, parent) for i in images]
         assert await queue.complete(session, job_id, worker, images, {"model": job.model, "seeds": [101]})
+    return await finish_ids(studio, job_id)
+
+
+async def finish_ids(studio: Studio, job_id: int) -> list[int]:
+    """The ids of a finished job's images."""
     async with studio.db.session() as session:
         return list((await session.scalars(select(Image.id).where(Image.job_id == job_id).order_by(Image.id))).all())
 
@@ -113,11 +118,6 @@ def test_gallery_by_lora_lists_its_images_and_their_upscales(database_url, tmp_p
         await studio.close()
 
     run(scenario())
-
-
-async def finish_ids(studio: Studio, job_id: int) -> list[int]:
-    async with studio.db.session() as session:
-        return list((await session.scalars(select(Image.id).where(Image.job_id == job_id).order_by(Image.id))).all())
 
 
 def test_fairness_a_big_queue_does_not_starve_a_small_one(database_url, tmp_path):

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dreamloom.errors import InvalidRequest
 from storage.files import ImageStore
-from storage.models import Image, Job, Vote, utcnow
+from storage.models import Image, Job, JobLora, Vote, utcnow
 from storage.ranking import rank_key
 
 FORMATS = ("imagefolder", "kohya", "pairs")
@@ -30,6 +30,7 @@ class ExportFilter:
 
     min_score: int | None = None
     model: str | None = None
+    lora: str | None = None  # only images made with this LoRA (e.g. to train its next version on the favourites)
     since: datetime | None = None
     until: datetime | None = None
     guild_id: str | None = None
@@ -64,6 +65,8 @@ async def scored_images(session: AsyncSession, filters: ExportFilter) -> list[di
                  .where(Job.status == "done").group_by(Image.id, Job.id))
     if filters.model:
         statement = statement.where(Job.model == filters.model)
+    if filters.lora:
+        statement = statement.where(Job.id.in_(select(JobLora.job_id).where(JobLora.name == filters.lora)))
     if filters.guild_id:
         statement = statement.where(Job.guild_id == filters.guild_id)
     if filters.since:
@@ -86,7 +89,7 @@ async def scored_images(session: AsyncSession, filters: ExportFilter) -> list[di
 def _metadata(row: dict, file_name: str) -> dict:
     image, job = row["image"], row["job"]
     return {"file_name": file_name, "text": job.prompt, "negative_prompt": job.negative_prompt, "score": row["score"],
-            "up": row["up"], "down": row["down"], "model": job.model, "seed": image.seed, "width": image.width,
+            "up": row["up"], "down": row["down"], "model": job.model, "loras": job.loras or [], "seed": image.seed, "width": image.width,
             "height": image.height, "image_id": image.id, "job_id": job.id, "kind": job.kind, "sha256": image.sha256,
             "created_at": image.created_at.isoformat()}
 

@@ -235,8 +235,8 @@ def cmd_export(args, settings) -> dict[str, Any]:
         except ValueError:
             raise InvalidRequest(f"Dates look like 2026-11-22; got {text!r}.") from None
 
-    filters = ExportFilter(min_score=args.min_score, model=args.model, since=day(args.since), until=day(args.until),
-                           guild_id=args.guild)
+    filters = ExportFilter(min_score=args.min_score, model=args.model, lora=args.lora, since=day(args.since),
+                           until=day(args.until), guild_id=args.guild)
 
     async def work(studio):
         report = await studio.export(Path(args.folder), args.format, filters)
@@ -373,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["imagefolder", "kohya", "pairs"], default="imagefolder")
     export.add_argument("--min-score", type=int, help="only images with at least this many net up-votes")
     export.add_argument("--model")
+    export.add_argument("--lora", help="only images made with this LoRA")
     export.add_argument("--since", help="YYYY-MM-DD")
     export.add_argument("--until", help="YYYY-MM-DD (exclusive)")
     export.add_argument("--guild")

@@ -334,6 +334,13 @@ def test_export_formats_filters_and_lineage(database_url, tmp_path):
             await studio.export(tmp_path / "hf", "imagefolder", ExportFilter())
         none = await studio.export(tmp_path / "none", "imagefolder", ExportFilter(model="other-model"))
         assert none.images == 0
+        outlined = await studio.submit_imagine("carol", "a green square --lora outline --seed 4")
+        outlined_images = await finish(studio, outlined.id)
+        await studio.vote(outlined_images[1], "voter0", 1)
+        by_lora = await studio.export(tmp_path / "lora", "imagefolder", ExportFilter(lora="outline", min_score=1))
+        rows = [json.loads(line) for line in (tmp_path / "lora" / "metadata.jsonl").read_text().splitlines()]
+        assert by_lora.images == 1 and rows[0]["image_id"] == outlined_images[1]
+        assert [lora["name"] for lora in rows[0]["loras"]] == ["outline"]
         await studio.close()
 
     run(scenario())

@@ -5,11 +5,10 @@ duplication between them is deliberate.
 """
 from __future__ import annotations
 
-
 import contextlib
-import re
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterator
 from threading import Event
 
@@ -266,7 +265,7 @@ def activate_loras(entry, loras, registry, max_loaded: int = MAX_LOADED_LORAS) -
     4. A job without LoRAs disables the adapter layers (their weights stay loaded for the next job).
     """
     pipe = entry.pipe
-    wanted = {_adapter_name(choice.name) for choice in loras}
+    wanted = [_adapter_name(choice.name) for choice in loras]
     for choice in loras:
         spec = registry.lora(choice.name)
         adapter = _adapter_name(spec.name)
@@ -276,7 +275,8 @@ def activate_loras(entry, loras, registry, max_loaded: int = MAX_LOADED_LORAS) -
         if adapter in entry.adapters:  # the registry now points the name at another file
             pipe.delete_adapters(adapter)
             del entry.adapters[adapter]
-        for old in [name for name in entry.adapters if name not in wanted][:max(0, len(entry.adapters) + 1 - max_loaded)]:
+        spare = [name for name in entry.adapters if name not in wanted]  # least recently used first
+        for old in spare[:max(0, len(entry.adapters) + 1 - max_loaded)]:
             pipe.delete_adapters(old)  # loaded adapters hold memory the model cache's budget does not count
             del entry.adapters[old]
         if not spec.path.is_file():
@@ -290,7 +290,7 @@ def activate_loras(entry, loras, registry, max_loaded: int = MAX_LOADED_LORAS) -
         return
     if loras:
         pipe.enable_lora()
-        pipe.set_adapters([_adapter_name(c.name) for c in loras], adapter_weights=[float(c.weight) for c in loras])
+        pipe.set_adapters(wanted, adapter_weights=[float(c.weight) for c in loras])
     else:
         pipe.disable_lora()
 

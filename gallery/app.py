@@ -25,6 +25,7 @@ STUDIO = web.AppKey("studio", Studio)
 COOKIE = "dreamloom_web"
 THUMBNAIL_SIDE = 256
 PERIOD_TITLES = {"day": "Today", "week": "This week", "all": "All time", "new": "Newest"}
+FILTERS = {"model": "model", "lora": "lora", "user": "user_id"}  # JSON API query parameter -> GalleryQuery field
 
 
 def _wants_json(request: web.Request) -> bool:
@@ -82,7 +83,7 @@ async def _gallery(request: web.Request, title: str, **fixed) -> web.Response:
     query = _query(request, **fixed)
     studio = request.app[STUDIO]
     items, more = await studio.gallery(query)
-    filters = {"model": fixed.get("model"), "lora": fixed.get("lora"), "user": fixed.get("user_id")}
+    filters = {parameter: fixed.get(field) for parameter, field in FILTERS.items()}
     hidden = set(studio.hidden_models())
     catalog = studio.catalog()
     return aiohttp_jinja2.render_template("gallery.html", request, {
@@ -210,8 +211,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 
 async def api_gallery(request: web.Request) -> web.Response:
-    fixed = {"model": request.query.get("model"), "lora": request.query.get("lora"), "user_id": request.query.get("user")}
-    fixed = {field: value for field, value in fixed.items() if value}
+    fixed = {field: request.query[parameter] for parameter, field in FILTERS.items() if request.query.get(parameter)}
     items, more = await request.app[STUDIO].gallery(_query(request, **fixed))
     return web.json_response({"items": [_item_json(i) for i in items], "more": more})
 

@@ -89,9 +89,9 @@ async def scored_images(session: AsyncSession, filters: ExportFilter) -> list[di
 def _metadata(row: dict, file_name: str) -> dict:
     image, job = row["image"], row["job"]
     return {"file_name": file_name, "text": job.prompt, "negative_prompt": job.negative_prompt, "score": row["score"],
-            "up": row["up"], "down": row["down"], "model": job.model, "loras": job.loras or [], "seed": image.seed, "width": image.width,
-            "height": image.height, "image_id": image.id, "job_id": job.id, "kind": job.kind, "sha256": image.sha256,
-            "created_at": image.created_at.isoformat()}
+            "up": row["up"], "down": row["down"], "model": job.model, "loras": job.loras or [], "seed": image.seed,
+            "width": image.width, "height": image.height, "image_id": image.id, "job_id": job.id, "kind": job.kind,
+            "sha256": image.sha256, "created_at": image.created_at.isoformat()}
 
 
 async def export_dataset(session: AsyncSession, store: ImageStore, folder: Path, fmt: str,

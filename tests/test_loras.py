@@ -67,7 +67,8 @@ def test_least_recently_used_adapters_are_unloaded_beyond_the_limit(tmp_path):
             return sorted(entry.adapters), sorted(entry.pipe.unet.peft_config)
 
     first = grid(engine, "a red circle <lora:outline>")
-    assert loaded()[0] == loaded()[1] and len(loaded()[0]) == 1
+    names, in_unet = loaded()
+    assert names == in_unet and len(names) == 1
     grid(engine, "a red circle <lora:night>")
     names, in_unet = loaded()
     assert len(names) == 1 and names == in_unet and "outline" not in " ".join(names)  # outline was unloaded

@@ -92,7 +92,7 @@ def register_commands(bot) -> None:
         return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]
 
     @tree.command(name="imagine", description="Create images from a prompt")
-    @app_commands.describe(prompt="What to see, with --parameters (see /help)", image="An image prompt (PNG, JPEG, WebP)",
+    @app_commands.describe(prompt="What to see, with --parameters (see /help)", image="An image prompt (PNG, JPEG, WebP, GIF or BMP)",
                            model="A model (overrides the automatic choice)", lora="A LoRA, as name or name:weight")
     @app_commands.autocomplete(model=model_names, lora=lora_names)
     async def imagine(interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1500],
@@ -109,7 +109,7 @@ def register_commands(bot) -> None:
             if image.size > 20 * 2**20:
                 raise InvalidImage(f"{image.filename} is {image.size / 2**20:.1f} MB; image prompts may be at most 20 MB.")
             if image.content_type and not image.content_type.startswith("image/"):
-                raise InvalidImage(f"{image.filename} is not an image ({image.content_type}); attach a PNG, JPEG or WebP.")
+                raise InvalidImage(f"{image.filename} is not an image ({image.content_type}); attach a PNG, JPEG, WebP, GIF or BMP.")
 
         async def submit():
             data = await image.read() if image is not None else None

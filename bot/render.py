@@ -43,7 +43,7 @@ def queued(job) -> str:
     if job.position is None:
         return f"{headline(job)} (starting)"
     eta = f", about {round(job.eta_seconds)} s" if job.eta_seconds is not None else ""
-    return f"{headline(job)} (queued: position {job.position + 1}{eta})"
+    return f"{headline(job)} (queued: position {job.position}{eta})"
 
 
 def progress(job, step: int, total: int) -> str:

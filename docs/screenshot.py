@@ -1,10 +1,11 @@
 """Make docs/gallery.png, the README's screenshot: a real `dreamloom serve` with a few starter grids and votes,
 photographed by headless Chromium.
 
-    .venv/bin/python docs/screenshot.py        # a few minutes on a CPU
+    .venv/bin/python docs/screenshot.py [--out FILE] [--page PATH]     # a few minutes on a CPU
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import socket
@@ -49,6 +50,10 @@ async def fill(settings: Settings) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "gallery.png", help="the PNG to write")
+    parser.add_argument("--page", default="/?period=all", help="the gallery page to photograph")
+    args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as folder:
@@ -73,14 +78,14 @@ def main() -> None:
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
                 page = browser.new_page(viewport={"width": 1200, "height": 800})
-                page.goto(f"http://127.0.0.1:{port}/?period=all")
+                page.goto(f"http://127.0.0.1:{port}{args.page}")
                 page.wait_for_function("() => [...document.images].every(img => img.complete && img.naturalWidth > 0)")
-                page.screenshot(path=str(ROOT / "docs" / "gallery.png"))
+                page.screenshot(path=str(args.out))
                 browser.close()
         finally:
             server.terminate()
             server.wait(timeout=120)
-    print(ROOT / "docs" / "gallery.png")
+    print(args.out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dreamloom.errors import InvalidImage
 MAX_INPUT_BYTES = 20 * 2**20
 MAX_INPUT_PIXELS = 4096 * 4096
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+FORMAT_NAMES = "PNG, JPEG, WebP, GIF or BMP"  # what the messages name: the same list as ALLOWED_FORMATS
 
 
 def open_image(data: bytes | Path, *, max_bytes: int = MAX_INPUT_BYTES, max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
@@ -37,7 +38,7 @@ def open_image(data: bytes | Path, *, max_bytes: int = MAX_INPUT_BYTES, max_pixe
                     f"The image is {width}x{height} pixels; at most {max_pixels:,} pixels (e.g. 4096x4096) are accepted."
                 )
             if probe.format not in ALLOWED_FORMATS:
-                raise InvalidImage(f"{probe.format} images are not accepted; use PNG, JPEG or WebP.")
+                raise InvalidImage(f"{probe.format} images are not accepted; use {FORMAT_NAMES}.")
             probe.verify()
             image = Image.open(io.BytesIO(data))
             image.load()
@@ -51,7 +52,7 @@ def open_image(data: bytes | Path, *, max_bytes: int = MAX_INPUT_BYTES, max_pixe
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidImage(f"The image is too large to decode safely; at most {max_pixels:,} pixels are accepted.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise InvalidImage("The file is not a readable image; upload a PNG, JPEG or WebP.") from None
+        raise InvalidImage(f"The file is not a readable image; use {FORMAT_NAMES} (at most {max_bytes / 2**20:.0f} MB).") from None
 
 
 def make_grid(images: list[Image.Image]) -> Image.Image:

@@ -193,13 +193,17 @@ def parse_prompt(text: str, *, allow_empty: bool = False) -> PromptRequest:
         raise InvalidPrompt(f"{_HELP['lora']}; write a LoRA tag as <lora:name:0.8>.", "lora")
 
     free_text, pairs = _split_parameters(text)
+    unknown = list(dict.fromkeys(name for name, _ in pairs if name not in _ALIASES))
+    if unknown:
+        # Every unknown parameter in one message: a member fixes the prompt once, not once per parameter.
+        known = ", ".join(f"--{n}" for n in sorted(set(_ALIASES.values())))
+        names = ", ".join(f"--{name}" for name in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise InvalidPrompt(f"Unknown parameter{plural} {names}. Known parameters: {known}.", unknown[0])
     values: dict[str, Any] = {}
     negatives: list[str] = []
     for name, value in pairs:
-        canonical = _ALIASES.get(name)
-        if canonical is None:
-            known = ", ".join(f"--{n}" for n in sorted(set(_ALIASES.values())))
-            raise InvalidPrompt(f"Unknown parameter --{name}. Known parameters: {known}.", name)
+        canonical = _ALIASES[name]
         if canonical in values and canonical not in _REPEATABLE:
             raise InvalidPrompt(f"--{canonical} is given more than once; keep one.", canonical)
         if canonical == "niji":
@@ -260,6 +264,13 @@ def parse_prompt(text: str, *, allow_empty: bool = False) -> PromptRequest:
         loras=tuple(loras),
         **values,
     )
+
+
+def check_image_weight(prompt: PromptRequest, has_image: bool) -> None:
+    """`--iw` weighs an image prompt: without an image it would be dropped silently, so it is refused."""
+    if not has_image and "iw" in named_parameters(prompt.raw):
+        raise InvalidPrompt("--iw weighs an image prompt, and this request has no image: attach one "
+                            "(the image option, or --image at the command line) or remove --iw.", "iw")
 
 
 def named_parameters(text: str) -> set[str]:

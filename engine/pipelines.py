@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from threading import Event
 
@@ -32,6 +34,24 @@ from engine.generation import GenerationSettings, StepProgress
 from engine.images import make_grid
 
 ProgressCallback = Callable[[StepProgress], None]
+
+
+class _DropNotices(logging.Filter):
+    """Drops library log lines that mean nothing to a Dreamloom user."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+# A LoRA without text-encoder layers is normal (diffusers warns on every load of one), and several named adapters on
+# one model are how LoRAs are switched here (peft warns about that).
+for _logger in ("diffusers.loaders.peft", "diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline"):
+    logging.getLogger(_logger).addFilter(_DropNotices("No LoRA keys associated to"))
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
 
 # Linear latent -> RGB maps for cheap previews (the approximation A1111 and ComfyUI use).
 LATENT_RGB_FACTORS = {
@@ -84,13 +104,58 @@ def seamless_tiling(*modules: torch.nn.Module) -> Iterator[None]:
             conv.padding_mode = mode
 
 
+SMALL_VAE_PARAMETERS = 5_000_000  # a VAE this small decodes a preview in milliseconds (the starter's: ~1.6M)
+
+
+def _predicted_final(scheduler, latents: torch.Tensor) -> torch.Tensor:
+    """The scheduler's estimate of the finished latents, where it keeps one; else the current noisy latents.
+
+    DPM++ (dpmsolver++) and UniPC (predict_x0) store their last x0 prediction in `model_outputs`: a preview from it
+    shows the picture the run is heading for from the first steps, instead of noise until the last ones.
+    """
+    keeps_x0 = getattr(scheduler.config, "algorithm_type", "") in ("dpmsolver++", "sde-dpmsolver++") or \
+        getattr(scheduler.config, "predict_x0", False) is True
+    outputs = getattr(scheduler, "model_outputs", None)
+    if keeps_x0 and outputs and outputs[-1] is not None and outputs[-1].shape == latents.shape:
+        return outputs[-1]
+    return latents
+
+
+def _is_small_vae(vae) -> bool:
+    if vae is None or getattr(vae.config, "latent_channels", None) != 4:
+        return False
+    if "_dreamloom_parameters" not in vae.__dict__:
+        vae.__dict__["_dreamloom_parameters"] = sum(p.numel() for p in vae.parameters())
+    return vae.__dict__["_dreamloom_parameters"] <= SMALL_VAE_PARAMETERS
+
+
+@torch.no_grad()
+def vae_preview(vae, latents: torch.Tensor) -> Image.Image:
+    """A preview decoded by the model's own VAE: exact colours (used where the VAE is small enough)."""
+    latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        latents = latents + vae.config.shift_factor
+    pixels = vae.decode(latents).sample.float().clamp(-1, 1)
+    pixels = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return make_grid([Image.fromarray(p) for p in pixels])
+
+
+def preview_image(pipe, latents: torch.Tensor, family: str, factors=None) -> Image.Image | None:
+    """A step's preview: the predicted final latents, decoded by a small VAE, else mapped by linear factors."""
+    latents = _predicted_final(pipe.scheduler, latents)
+    vae = getattr(pipe, "vae", None)
+    if _is_small_vae(vae) and latents.ndim == 4:
+        return vae_preview(vae, latents)
+    return latents_preview(latents, family, factors)
+
+
 def _step_callback(settings: GenerationSettings, total: int, on_step, cancel: Event | None, factors):
     def callback(pipe, step, timestep, tensors):
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled("The job was cancelled.")
         if on_step is not None:
             latents = tensors["latents"]
-            on_step(StepProgress(step + 1, total, lambda: latents_preview(latents, settings.family, factors)))
+            on_step(StepProgress(step + 1, total, lambda: preview_image(pipe, latents, settings.family, factors)))
         return tensors
 
     return callback

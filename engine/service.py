@@ -23,7 +23,7 @@ from engine.generation import (
     VaryRequest, model_family, resolve_settings,
 )
 from engine.models import estimate_bytes, load_pipeline
-from engine.params import PromptRequest
+from engine.params import PromptRequest, check_image_weight
 from engine.registry import ModelSpec, Registry
 from engine.routing import route
 
@@ -129,6 +129,7 @@ class Engine:
 
     def imagine(self, request: ImagineRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
         """A grid of `request.prompt.n` images from text (and an optional image prompt)."""
+        check_image_weight(request.prompt, request.init_image is not None)
         spec, prompt = self.plan(request.prompt, request.route)
         family = model_family(spec)
         strength = None

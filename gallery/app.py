@@ -79,16 +79,19 @@ def _item_json(item) -> dict:
             "thumbnail": f"/thumbs/{item.image_id}.webp", "file": f"/files/{item.image_id}.png"}
 
 
-async def _gallery(request: web.Request, title: str, **fixed) -> web.Response:
+async def _gallery(request: web.Request, title: str, known: bool = True, **fixed) -> web.Response:
+    """A gallery page; `known=False` (a name the registry does not have) is a 404 unless it has images."""
     query = _query(request, **fixed)
     studio = request.app[STUDIO]
     items, more = await studio.gallery(query)
+    if not known and not items and query.page == 1:
+        raise NotFound(f"There is no {title[0].lower() + title[1:]} here.")
     filters = {parameter: fixed.get(field) for parameter, field in FILTERS.items()}
     hidden = set(studio.hidden_models())
     catalog = studio.catalog()
     return aiohttp_jinja2.render_template("gallery.html", request, {
         "title": title, "items": [_item_json(i) for i in items], "period": query.period, "periods": PERIOD_TITLES,
-        "page": query.page, "more": more, "base": request.path,
+        "page": query.page, "per_page": query.per_page, "more": more, "base": request.path,
         "api": "/api/gallery?" + urlencode({k: v for k, v in filters.items() if v}),
         "models": [m["name"] for m in catalog["models"] if m["name"] not in hidden],
         "loras": [lora["name"] for lora in catalog["loras"]],
@@ -101,23 +104,28 @@ async def index(request: web.Request) -> web.Response:
 
 async def by_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    return await _gallery(request, f"Model {name}", model=name)
+    studio = request.app[STUDIO]
+    known = name in studio.registry.models and name not in studio.hidden_models()
+    return await _gallery(request, f"Model {name}", known, model=name)
 
 
 async def by_lora(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    return await _gallery(request, f"LoRA {name}", lora=name)
+    return await _gallery(request, f"LoRA {name}", name in request.app[STUDIO].registry.loras, lora=name)
 
 
 async def by_member(request: web.Request) -> web.Response:
     user = request.match_info["user"]
-    return await _gallery(request, f"Member {user}", user_id=user)
+    return await _gallery(request, f"Member {user}", False, user_id=user)
 
 
 async def image_page(request: web.Request) -> web.Response:
-    detail = await request.app[STUDIO].image_detail(int(request.match_info["id"]))
-    return aiohttp_jinja2.render_template("image.html", request, {"image": detail, "settings_json": json.dumps(
-        detail["settings"], indent=2, default=str)})
+    studio = request.app[STUDIO]
+    detail = await studio.image_detail(int(request.match_info["id"]))
+    my_vote = await studio.vote_of(detail["id"], request["user_id"])
+    return aiohttp_jinja2.render_template("image.html", request, {"image": detail, "my_vote": my_vote,
+                                                                  "settings_json": json.dumps(detail["settings"],
+                                                                                              indent=2, default=str)})
 
 
 def _file_response(path: Path, content_type: str) -> web.FileResponse:
@@ -149,7 +157,7 @@ def _make_thumbnail(source: Path, target: Path) -> None:
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
         buffer = io.BytesIO()
         image.save(buffer, format="WEBP", quality=85)
-    temporary = target.with_suffix(f".{os.getpid()}.tmp")
+    temporary = target.with_suffix(f".{os.getpid()}.{secrets.token_hex(6)}.tmp")  # concurrent first requests
     temporary.write_bytes(buffer.getvalue())
     os.replace(temporary, target)
 
@@ -244,6 +252,13 @@ async def api_vote(request: web.Request) -> web.Response:
     return web.json_response({"up": up, "down": down})
 
 
+FAVICON = (Path(__file__).parent / "static" / "favicon.svg").read_bytes()
+
+
+async def favicon(request: web.Request) -> web.Response:
+    return web.Response(body=FAVICON, content_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
+
+
 def create_app(studio: Studio) -> web.Application:
     """The gallery application over `studio`."""
     app = web.Application(middlewares=[web_identity, errors], client_max_size=64 * 1024)
@@ -252,6 +267,8 @@ def create_app(studio: Studio) -> web.Application:
     number = r"{id:[0-9]{1,12}}"
     app.add_routes([
         web.get("/", index),
+        web.get("/favicon.svg", favicon),
+        web.get("/favicon.ico", favicon),  # asked for by browsers and tools that do not read the page's <link>
         web.get("/model/{name:[A-Za-z0-9._-]{1,200}}", by_model),
         web.get("/lora/{name:[A-Za-z0-9._-]{1,200}}", by_lora),
         web.get("/member/{user:[A-Za-z0-9:._-]{1,100}}", by_member),

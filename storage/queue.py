@@ -95,6 +95,31 @@ async def enqueue(session: AsyncSession, new: NewJob, *, max_queued_per_user: in
     return job
 
 
+async def record_finished(session: AsyncSession, new: NewJob, images: list[NewImage], settings: dict[str, Any],
+                          started_at: datetime, now: datetime | None = None) -> Job:
+    """Keep a generation that ran outside the queue (the owner's command line) as a finished job with its images.
+
+    The image files must already be in the store; the job never waits in the queue, so no limit applies.
+    """
+    now = now or utcnow()
+    await ensure_user(session, new.user_id)
+    seeds = settings.get("seeds") or [new.seed]
+    job = Job(
+        kind=new.kind, status="done", priority=0, user_id=new.user_id, parent_image_id=new.parent_image_id,
+        raw_prompt=new.raw_prompt, prompt=new.prompt, negative_prompt=new.negative_prompt, parameters=new.parameters,
+        model=settings.get("model") or new.model, loras=new.loras, route_reason=new.route_reason, seed=seeds[0],
+        attempts=1, max_attempts=new.max_attempts, cancel_requested=False, created_at=started_at,
+        started_at=started_at, finished_at=now, settings=settings,
+    )
+    session.add(job)
+    await session.flush()
+    names = {entry["name"] for entry in new.loras if isinstance(entry, dict) and entry.get("name")}
+    session.add_all(JobLora(job_id=job.id, name=name) for name in sorted(names))
+    session.add_all(Image(job_id=job.id, index_in_job=i.index_in_job, parent_image_id=i.parent_image_id, seed=i.seed,
+                          width=i.width, height=i.height, sha256=i.sha256, path=i.path, created_at=now) for i in images)
+    return job
+
+
 async def _next_candidate(session: AsyncSession, lock: bool) -> int | None:
     def first(statement):
         statement = statement.limit(1)

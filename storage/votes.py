@@ -88,3 +88,9 @@ async def favourites(session: AsyncSession, user_id: str) -> list[int]:
     """Image ids in a user's collection, newest first."""
     return list((await session.scalars(select(Favourite.image_id).where(Favourite.user_id == user_id)
                                        .order_by(Favourite.created_at.desc()))).all())
+
+
+async def vote_of(session: AsyncSession, user_id: str, image_id: int) -> int:
+    """A user's vote on an image: 1, -1, or 0 when they have not voted."""
+    value = await session.scalar(select(Vote.value).where(Vote.user_id == user_id, Vote.image_id == image_id))
+    return int(value or 0)

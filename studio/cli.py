@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,13 @@ EXIT_USER_ERROR = 2
 
 
 def _print_progress(stream):
+    """Step progress on a terminal, rewritten in place; nothing per step when stderr is a file or a pipe
+    (a log gets no line per step: the result line says how long it took)."""
+    if not stream.isatty():
+        return None
+
     def on_step(progress) -> None:
-        end = "\n" if progress.step == progress.total or not stream.isatty() else "\r"
+        end = "\n" if progress.step == progress.total else "\r"
         print(f"  step {progress.step}/{progress.total}", end=end, file=stream, flush=True)
 
     return on_step
@@ -30,61 +36,115 @@ def _engine(settings):
 
 
 def _source(path: Path):
-    """An input image and what its PNG metadata says about how it was made."""
+    """An input image and what its PNG metadata says about how it was made (empty when it says nothing usable)."""
     from engine.images import open_image
+    from engine.metadata import read_parameters
 
     image = open_image(path)
-    made = json.loads(image.info["dreamloom"]) if "dreamloom" in image.info else {}
+    found = read_parameters(image)
+    made = found.get("dreamloom")
+    made = made if isinstance(made, dict) else {}
+    if not isinstance(made.get("raw_prompt"), str):
+        made.pop("raw_prompt", None)
+    if not isinstance(made.get("settings"), dict):
+        made.pop("settings", None)
+    if "raw_prompt" not in made and isinstance(found.get("prompt"), str) and found["prompt"].strip():
+        made["raw_prompt"] = found["prompt"]  # an A1111 / ComfyUI PNG: its `parameters` text has the prompt
     return image, made
 
 
 def _source_prompt(args, made: dict[str, Any]):
+    from dreamloom.errors import InvalidRequest
     from engine.params import parse_prompt
 
-    text = args.prompt if args.prompt is not None else made.get("raw_prompt", "")
+    text = args.prompt if args.prompt is not None else made.get("raw_prompt")
+    if text is None or not text.strip():
+        raise InvalidRequest(f"{Path(args.image).name} carries no prompt (no Dreamloom or A1111 parameters); "
+                             'say what it shows with --prompt "...".')
     prompt = parse_prompt(text, allow_empty=True)
     model = args.model or prompt.model or made.get("settings", {}).get("model")
-    return dataclasses.replace(prompt, model=model)
+    return dataclasses.replace(prompt, model=model if isinstance(model, str) else None)
+
+
+def _publish(args, settings, kind: str, raw_prompt: str, result, started_at, source: Path | None = None,
+             mode: str | None = None):
+    """With --publish: keep the result as a finished job of `cli:USER`, so it joins the gallery."""
+    import asyncio
+    import getpass
+    import hashlib
+
+    from dreamloom.errors import InvalidRequest
+
+    user = args.user or getpass.getuser()
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,60}", user):
+        raise InvalidRequest(f"--user takes letters, digits, '.', '_' and '-' (up to 60); got {user[:60]!r}.")
+
+    async def work(studio):
+        sha = hashlib.sha256(source.read_bytes()).hexdigest() if source is not None else None
+        return await studio.publish_result(f"cli:{user}", kind, raw_prompt, result,
+                                           started_at=started_at, source_sha256=sha, mode=mode)
+
+    return asyncio.run(_with_studio(settings, work))
+
+
+def _finish(args, settings, kind: str, raw_prompt: str, result, started_at, source: Path | None = None,
+            mode: str | None = None) -> dict[str, Any]:
+    """Write the result's files (and publish it when asked); the JSON document `imagine`/`vary`/`upscale` print."""
+    from studio.outputs import write_result
+
+    outputs = Path(args.out) if args.out else settings.outputs_dir
+    if not args.publish:
+        return write_result(result, outputs, raw_prompt, str(source) if source else None).to_dict()
+    job = _publish(args, settings, kind, raw_prompt, result, started_at, source, mode)
+    # A published image carries no local path (it is public); its copy here is the same file as the gallery's.
+    document = write_result(result, outputs, raw_prompt, None, job_id=job.id).to_dict()
+    document["published"] = {"job": job.id, "images": [image.id for image in job.images],
+                             "gallery": f"{settings.gallery_url}/image/{job.images[0].id}"}
+    return document
 
 
 def cmd_imagine(args, settings) -> dict[str, Any]:
     from engine.generation import ImagineRequest
     from engine.images import open_image
     from engine.params import parse_prompt
-    from studio.outputs import write_result
+    from storage.models import utcnow
 
     image = open_image(Path(args.image)) if args.image else None
     prompt = parse_prompt(args.prompt, allow_empty=image is not None)
     if args.model:
         prompt = dataclasses.replace(prompt, model=args.model)
+    started_at = utcnow()
     engine = _engine(settings)
     result = engine.imagine(ImagineRequest(prompt, image), on_step=None if args.quiet else _print_progress(sys.stderr))
-    return write_result(result, Path(args.out) if args.out else settings.outputs_dir, args.prompt).to_dict()
+    return _finish(args, settings, "imagine", args.prompt, result, started_at)
 
 
 def cmd_vary(args, settings) -> dict[str, Any]:
     from engine.generation import VaryRequest
-    from studio.outputs import write_result
+    from storage.models import utcnow
 
     image, made = _source(Path(args.image))
     prompt = dataclasses.replace(_source_prompt(args, made), seed=args.seed, n=args.n)
+    started_at = utcnow()
     engine = _engine(settings)
-    request = VaryRequest(image, prompt, "strong" if args.strong else "subtle")
-    result = engine.vary(request, on_step=None if args.quiet else _print_progress(sys.stderr))
-    return write_result(result, Path(args.out) if args.out else settings.outputs_dir, prompt.raw, str(args.image)).to_dict()
+    mode = "strong" if args.strong else "subtle"
+    result = engine.vary(VaryRequest(image, prompt, mode), on_step=None if args.quiet else _print_progress(sys.stderr))
+    return _finish(args, settings, "vary", prompt.raw, result, started_at, Path(args.image), mode)
 
 
 def cmd_upscale(args, settings) -> dict[str, Any]:
     from engine.generation import UpscaleRequest
-    from studio.outputs import write_result
+    from storage.models import utcnow
 
     image, made = _source(Path(args.image))
     seed = args.seed if args.seed is not None else made.get("seed")
-    prompt = dataclasses.replace(_source_prompt(args, made), seed=seed, n=1)
+    prompt = dataclasses.replace(_source_prompt(args, made), seed=seed if isinstance(seed, int) else None, n=1)
+    started_at = utcnow()
     engine = _engine(settings)
-    request = UpscaleRequest(image, prompt, "creative" if args.creative else "detail")
-    result = engine.upscale(request, on_step=None if args.quiet else _print_progress(sys.stderr))
-    return write_result(result, Path(args.out) if args.out else settings.outputs_dir, prompt.raw, str(args.image)).to_dict()
+    mode = "creative" if args.creative else "detail"
+    result = engine.upscale(UpscaleRequest(image, prompt, mode),
+                            on_step=None if args.quiet else _print_progress(sys.stderr))
+    return _finish(args, settings, "upscale", prompt.raw, result, started_at, Path(args.image), mode)
 
 
 def cmd_route(args, settings) -> dict[str, Any]:
@@ -193,12 +253,23 @@ def cmd_show(args, settings) -> dict[str, Any]:
 
 def cmd_cancel(args, settings) -> dict[str, Any]:
     import asyncio
+    import time
 
-    return asyncio.run(_with_studio(settings, lambda studio: _to_dict(studio.cancel(args.job, args.user))))
+    from studio.service import TERMINAL
 
+    async def work(studio):
+        view = await studio.cancel(args.job, args.user)
+        # A running job stops at its next step, in whichever process runs it: wait a little to report the outcome.
+        deadline = time.monotonic() + args.wait
+        while view.status == "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            view = await studio.job(args.job)
+        document = view.to_dict()
+        if view.status not in TERMINAL:
+            document["note"] = "cancel requested: it stops at its next step (is `dreamloom serve` running?)"
+        return document
 
-async def _to_dict(awaitable):
-    return (await awaitable).to_dict()
+    return asyncio.run(_with_studio(settings, work))
 
 
 def cmd_vote(args, settings) -> dict[str, Any]:
@@ -276,8 +347,8 @@ def _human(command: str, document: dict[str, Any]) -> str:
     if command == "vote":
         return f"image {document['image']}: {document['up']} up, {document['down']} down"
     if command == "export":
-        pairs = f", {document['pairs']} pairs" if document["format"] == "pairs" else ""
-        return f"exported {document['images']} images{pairs} ({document['format']}) to {document['folder']}"
+        pairs = f", {_count(document['pairs'], 'pair')}" if document["format"] == "pairs" else ""
+        return f"exported {_count(document['images'], 'image')}{pairs} ({document['format']}) to {document['folder']}"
     if command == "jobs":
         return "\n".join(f"{j['id']:>6}  {j['status']:<9} {j['kind']:<8} {j['user_id']:<16} {j['raw_prompt'][:60]}"
                          for j in document["jobs"]) or "no jobs"
@@ -287,12 +358,18 @@ def _human(command: str, document: dict[str, Any]) -> str:
             lines.append(f"queue position {document['position']}, about {document['eta_seconds']:.0f} s")
         if document.get("error"):
             lines.append(f"error: {document['error']}")
+        if document.get("note"):
+            lines.append(document["note"])
         lines += [f"image {i['id']} (#{i['index']}, seed {i['seed']}, {i['up']} up / {i['down']} down): {i['path']}"
                   for i in document["images"]]
         return "\n".join(lines)
     if command == "models":
-        lines = [f"{m['name']:<24} {m['family']:<8} {'ok' if m['installed'] else 'MISSING':<8} {m['description']}"
-                 for m in document["models"]]
+        lines = ["models:"] + [f"  {m['name']:<24} {m['family']:<8} {'ok' if m['installed'] else 'MISSING':<8} "
+                               f"{m['description']}" for m in document["models"]]
+        lines += ["LoRAs:"] + [f"  {l['name']:<24} {l['family']:<8} {'ok' if l['installed'] else 'MISSING':<8} "
+                               f"{l['description']} (weight {l['weight']:g}"
+                               + (f"; trigger {', '.join(l['triggers'])}" if l["triggers"] else "") + ")"
+                               for l in document["loras"]] if document["loras"] else ["LoRAs: none registered"]
         return "\n".join(lines + [f"(default: {document['default']}; registry: {document['registry']})"])
     p = document["parameters"]
     lines = []
@@ -303,7 +380,18 @@ def _human(command: str, document: dict[str, Any]) -> str:
                  f"sampler {p['sampler']}, cfg {p['cfg']:g}" + (f", strength {p['strength']:g}" if p["strength"] else "")
                  + (f", chaos {p['chaos']}" if p["chaos"] else ""))
     lines.append(f"prompt: {p['prompt']}" + (f"  --no {p['negative_prompt']}" if p["negative_prompt"] else ""))
+    loras = ", ".join(f"{l['name']}:{l['weight'] if l['weight'] is not None else 1:g}" for l in p.get("loras") or [])
+    lines.append(f"LoRAs: {loras or 'none'}")
+    if document.get("timings"):
+        lines.append("took " + ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in document["timings"].items()))
+    if document.get("published"):
+        lines.append(f"in the gallery as job {document['published']['job']}: "
+                     + ", ".join(f"/image/{i}" for i in document["published"]["images"]))
     return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--image", help="an image prompt (weight with --iw in the prompt)")
     imagine.add_argument("--out", help="output folder (default DATA_DIR/outputs)")
     imagine.add_argument("--quiet", action="store_true", help="no step progress on stderr")
+    imagine.add_argument("--publish", action="store_true", help="also keep the result in the studio: it joins the gallery")
+    imagine.add_argument("--user", help="with --publish: the member name it is published as (default: your login)")
     for name, text in (("vary", "Make variations of an image (4 by default)."),
                        ("upscale", "Make a 2x upscale of an image with a detail pass.")):
         sub = add(name, text)
@@ -330,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, help="seed (default: random for vary, the source's for upscale)")
         sub.add_argument("--out", help="output folder (default DATA_DIR/outputs)")
         sub.add_argument("--quiet", action="store_true", help="no step progress on stderr")
+        sub.add_argument("--publish", action="store_true", help="also keep the result in the studio: it joins the gallery")
+        sub.add_argument("--user", help="with --publish: the member name it is published as (default: your login)")
         if name == "vary":
             sub.add_argument("--strong", action="store_true", help="strong variations (default subtle)")
             sub.add_argument("--n", type=int, default=4, choices=range(1, 5), help="number of variations (1-4)")
@@ -364,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = add("cancel", "Cancel a queued job or stop a running one.")
     cancel.add_argument("job", type=int)
     cancel.add_argument("--user", required=True, help="the job's owner")
+    cancel.add_argument("--wait", type=float, default=15, help="seconds to wait for a running job to stop (default 15)")
     vote = add("vote", "Vote on an image: +1, -1, or 0 to remove your vote.")
     vote.add_argument("image", type=int)
     vote.add_argument("value")

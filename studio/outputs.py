@@ -44,21 +44,38 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def write_result(result: GenerationResult, outputs_dir: Path, raw_prompt: str, source: str | None = None) -> WrittenOutput:
+def image_pngs(result: GenerationResult, raw_prompt: str, *, source: str | None = None,
+               job_id: int | None = None) -> list[bytes]:
+    """Each image of a result as PNG bytes carrying its parameters (A1111 `parameters` and a `dreamloom` chunk).
+
+    The same inputs give the same bytes, so a published command-line result and its copy in the image store are one
+    file (content-addressed), and a later `vary` of the copy finds its parent by hash.
+    """
+    base: dict[str, Any] = {"raw_prompt": raw_prompt, "settings": result.settings.to_dict()}
+    if source is not None:
+        base["source"] = source
+    if job_id is not None:
+        base["job_id"] = job_id
+    return [png_bytes(image, a1111_parameters(result.settings, seed, image.size), {**base, "seed": seed, "index": index})
+            for index, (image, seed) in enumerate(zip(result.images, result.seeds), start=1)]
+
+
+def write_result(result: GenerationResult, outputs_dir: Path, raw_prompt: str, source: str | None = None,
+                 job_id: int | None = None) -> WrittenOutput:
     """Write each image (and a grid for several) into a new folder under `outputs_dir`."""
     slug = re.sub(r"[^a-z0-9]+", "-", result.settings.prompt.lower()).strip("-")[:40] or "image"
     folder = outputs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(3)}"
     folder.mkdir(parents=True, exist_ok=False)
-    base = {"raw_prompt": raw_prompt, "settings": result.settings.to_dict(), "source": source}
     paths = []
-    for index, (image, seed) in enumerate(zip(result.images, result.seeds), start=1):
+    for index, data in enumerate(image_pngs(result, raw_prompt, source=source, job_id=job_id), start=1):
         path = folder / f"{result.settings.kind}-{index}.png"
-        parameters = a1111_parameters(result.settings, seed, image.size)
-        _write(path, png_bytes(image, parameters, {**base, "seed": seed, "index": index}))
+        _write(path, data)
         paths.append(path)
     grid = None
     if len(result.images) > 1:
         grid = folder / "grid.png"
-        parameters = a1111_parameters(result.settings, result.seeds[0], None)
-        _write(grid, png_bytes(make_grid(result.images), parameters, {**base, "seed": result.seeds[0], "index": 0}))
+        picture = make_grid(result.images)
+        parameters = a1111_parameters(result.settings, result.seeds[0], picture.size)
+        extra = {"raw_prompt": raw_prompt, "settings": result.settings.to_dict(), "seed": result.seeds[0], "index": 0}
+        _write(grid, png_bytes(picture, parameters, extra))
     return WrittenOutput(folder, paths, grid, list(result.seeds), result.settings.to_dict(), result.timings)

@@ -8,6 +8,7 @@ import re
 import dataclasses
 import random
 import statistics
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,7 +19,7 @@ from sqlalchemy import select, update
 
 from dreamloom.errors import DreamloomError, InvalidRequest, NotFound
 from engine.images import make_grid, open_image
-from engine.params import apply_defaults, parse_prompt
+from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry
 from engine.routing import RouteDecision, prepare_routing, route
 from storage import queue, votes
@@ -67,7 +68,7 @@ class JobView:
     error: str | None
     created_at: datetime
     finished_at: datetime | None
-    position: int | None = None
+    position: int | None = None  # 1 = the next job to start
     eta_seconds: float | None = None
     images: list[ImageView] = field(default_factory=list)
     guild_id: str | None = None
@@ -107,6 +108,8 @@ class Studio:
         self.store = store
         self.registry = registry
         self._subscribers: dict[int, set[asyncio.Queue]] = defaultdict(set)
+        # Jobs a worker of this process runs, by id: the event stops the job at its next step.
+        self.running_jobs: dict[int, threading.Event] = {}
         self._rng = random.SystemRandom()
         self._registry_mtime = Path(settings.registry).stat().st_mtime_ns if Path(settings.registry).is_file() else None
 
@@ -169,6 +172,7 @@ class Studio:
             job = await queue.enqueue(session, new, max_queued_per_user=limit, daily_quota=quota)
             view = await self._view(session, job)
         self.publish(ProgressEvent(view.id, "queued"))
+        log.info("job %s queued: %s by %s on %s (position %s)", view.id, new.kind, new.user_id, new.model, view.position)
         return view
 
     async def submit_imagine(self, user_id: str, text: str, *, kind: str = "imagine", guild_id: str | None = None,
@@ -190,6 +194,7 @@ class Studio:
         text = apply_defaults(text, defaults)
         decision = self.route(text)
         prompt, spec = decision.prompt, decision.spec
+        check_image_weight(prompt, image_prompt is not None)
         if rules:
             rules.check_model(spec.name, spec.tags, age_restricted_channel)
         parameters = prompt.to_dict()
@@ -201,6 +206,36 @@ class Studio:
             parameters=parameters, model=spec.name, seed=seed, guild_id=guild_id, channel_id=channel_id,
             max_attempts=self.settings.max_attempts, loras=decision.to_dict()["loras"], route_reason=decision.reason_text,
         ), rules)
+
+    async def publish_result(self, user_id: str, kind: str, raw_prompt: str, result, *, started_at: datetime,
+                             source_sha256: str | None = None, mode: str | None = None) -> JobView:
+        """Keep a result the owner made at the command line (`dreamloom imagine --publish`) as a finished job, so
+        it joins the gallery like a queued one. A source image already in the store becomes the parent (lineage)."""
+        from studio.outputs import image_pngs
+
+        settings = result.settings.to_dict()
+        parameters = parse_prompt(raw_prompt, allow_empty=True).to_dict() | ({"mode": mode} if mode else {})
+        async with self.db.session() as session:
+            parent = None
+            if source_sha256:
+                parent = await session.scalar(select(Image.id).where(Image.sha256 == source_sha256).limit(1))
+            loras = [{"name": lora.name, "weight": lora.weight} for lora in result.settings.loras]
+            new = queue.NewJob(kind=kind, user_id=user_id, raw_prompt=raw_prompt, prompt=result.settings.prompt,
+                               negative_prompt=result.settings.negative_prompt, parameters=parameters,
+                               model=result.settings.model, loras=loras, parent_image_id=parent,
+                               route_reason="made at the command line")
+            job = await queue.record_finished(session, new, [], settings, started_at)
+            pngs = image_pngs(result, raw_prompt, job_id=job.id)
+            files = await asyncio.to_thread(lambda: [self.store.put(data) for data in pngs])
+            session.add_all(Image(job_id=job.id, index_in_job=index, parent_image_id=parent, seed=seed,
+                                  width=image.width, height=image.height, sha256=file.sha256, path=file.path,
+                                  created_at=job.finished_at)
+                            for index, (image, seed, file) in enumerate(zip(result.images, result.seeds, files), start=1))
+            await session.flush()
+            view = await self._view(session, job)
+        log.info("job %s published from the command line by %s (%s, %d image(s))", view.id, user_id, kind,
+                 len(view.images))
+        return view
 
     def _store_image_prompt(self, data: bytes) -> str:
         """Check an uploaded image (size, format, decompression bombs) and store it as PNG; returns its path."""
@@ -252,6 +287,9 @@ class Studio:
             view = await self._view(session, job)
         if view.status == "cancelled":
             self.publish(ProgressEvent(job_id, "cancelled", message="Cancelled."))
+        elif view.status == "running" and job_id in self.running_jobs:
+            self.running_jobs[job_id].set()  # running here: stop now (other processes poll the flag)
+        log.info("job %s: cancel asked by %s (%s)", job_id, user_id or "an admin", view.status)
         return view
 
     async def attach_message(self, job_id: int, channel_id: str, message_id: str) -> None:
@@ -325,6 +363,11 @@ class Studio:
         async with self.db.session() as session:
             await votes.set_vote(session, user_id, image_id, value, source)
             return await votes.tally(session, image_id)
+
+    async def vote_of(self, image_id: int, user_id: str) -> int:
+        """A user's own vote on an image (1, -1, or 0), so a page can show it."""
+        async with self.db.session() as session:
+            return await votes.vote_of(session, user_id, image_id)
 
     async def unvote(self, image_id: int, user_id: str) -> tuple[int, int]:
         """Remove a user's vote and return the image's (up, down)."""
@@ -491,8 +534,8 @@ class Studio:
                            self.store.root / image.path, *counts[image.id]) for image in images]
         position = eta = None
         if with_position and job.status == "queued":
-            position = await queue.queue_position(session, job)
-            eta = (position + 1) * await self._typical_duration(session, job.kind)
+            position = await queue.queue_position(session, job) + 1  # people count from 1: "position 1" is next
+            eta = position * await self._typical_duration(session, job.kind)
         return JobView(job.id, job.kind, job.status, job.user_id, job.raw_prompt, job.prompt, job.model, job.seed,
                        job.parameters, job.settings, job.parent_image_id, job.attempts, job.error, job.created_at,
                        job.finished_at, position, eta, views, job.guild_id, job.channel_id, job.message_id,

@@ -18,15 +18,16 @@ from sqlalchemy import select
 from dreamloom.errors import DreamloomError, EngineUnavailable, GenerationCancelled, NotAllowed
 from engine.generation import GenerationResult, ImagineRequest, UpscaleRequest, VaryRequest
 from engine.images import open_image
-from engine.metadata import a1111_parameters, png_bytes
 from engine.params import LoraChoice, parse_prompt
 from engine.service import Engine
 from storage import queue
 from storage.models import Image, Job
+from studio.outputs import image_pngs
 from studio.service import ProgressEvent, Studio
 
 log = logging.getLogger(__name__)
 PREVIEW_INTERVAL_S = 0.5
+CANCEL_POLL_S = 0.5  # a cancel from another process is seen within this time
 
 
 class Worker:
@@ -58,7 +59,11 @@ class Worker:
         self.current_job = job.id
         cancel = threading.Event()
         heartbeat = asyncio.create_task(self._heartbeat(job.id, cancel))
+        watcher = asyncio.create_task(self._watch_cancel(job.id, cancel))
+        self.studio.running_jobs[job.id] = cancel  # a cancel in this process stops the job at once
         self.studio.publish(ProgressEvent(job.id, "started"))
+        log.info("job %s started: %s by %s on %s (attempt %s)", job.id, job.kind, job.user_id, job.model, job.attempts)
+        started = time.monotonic()
         try:
             result = await self._generate(job, cancel)
             images = await asyncio.to_thread(self._store_images, job, result)
@@ -66,6 +71,9 @@ class Worker:
                 completed = await queue.complete(session, job.id, self.worker_id, images, result.settings.to_dict())
             if completed:
                 self.studio.publish(ProgressEvent(job.id, "done"))
+                timings = ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in result.timings.items())
+                log.info("job %s done: %d image(s) %dx%d in %.2f s (%s)", job.id, len(result.images),
+                         result.settings.width, result.settings.height, time.monotonic() - started, timings)
             else:
                 log.warning("job %s finished after its lease was lost; its result was dropped", job.id)
         except GenerationCancelled:
@@ -81,6 +89,8 @@ class Worker:
             await self._end(job.id, "Internal error while generating; it will be retried.", retry=True)
         finally:
             heartbeat.cancel()
+            watcher.cancel()
+            self.studio.running_jobs.pop(job.id, None)
             self.current_job = None
         return True
 
@@ -89,6 +99,16 @@ class Worker:
             status = await queue.fail(session, job_id, self.worker_id, message, retry=retry, cancelled=cancelled)
         if status in ("failed", "cancelled"):
             self.studio.publish(ProgressEvent(job_id, status, message=message))
+        log.info("job %s %s: %s", job_id, {"queued": "queued again", None: "ended elsewhere"}.get(status, status), message)
+
+    async def _watch_cancel(self, job_id: int, cancel: threading.Event) -> None:
+        """Poll the job's cancel flag, so a cancel from any process (the CLI, the web, Discord, another `serve`)
+        stops the job at its next step, not only at the next lease renewal."""
+        while not cancel.is_set():
+            await asyncio.sleep(CANCEL_POLL_S)
+            async with self.studio.db.session() as session:
+                if await session.scalar(select(Job.cancel_requested).where(Job.id == job_id)):
+                    cancel.set()
 
     async def _heartbeat(self, job_id: int, cancel: threading.Event) -> None:
         """Renew the lease while the job runs; a cancel request or a lost lease stops the job."""
@@ -145,11 +165,9 @@ class Worker:
     def _store_images(self, job: Job, result: GenerationResult) -> list[queue.NewImage]:
         """Write every image (fsynced) before the completing transaction refers to it."""
         stored = []
-        for index, (image, seed) in enumerate(zip(result.images, result.seeds), start=1):
-            parameters = a1111_parameters(result.settings, seed, image.size)
-            extra = {"job_id": job.id, "index": index, "seed": seed, "raw_prompt": job.raw_prompt,
-                     "settings": result.settings.to_dict()}
-            file = self.studio.store.put(png_bytes(image, parameters, extra))
+        pngs = image_pngs(result, job.raw_prompt, job_id=job.id)
+        for index, (image, seed, data) in enumerate(zip(result.images, result.seeds, pngs), start=1):
+            file = self.studio.store.put(data)
             stored.append(queue.NewImage(index, seed, image.width, image.height, file.sha256, file.path,
                                          parent_image_id=job.parent_image_id))
         return stored

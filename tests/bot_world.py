@@ -95,7 +95,14 @@ class BotWorld:
         """Run /imagine and wait for the final grid; returns (interaction, message, job)."""
         handle = await self.double.slash(member, "imagine", {"prompt": prompt, **options.pop("extra", {})}, **options)
         message = await self.finished(handle)
-        return handle, message, await self.studio.job_for_message(message["id"])
+        return handle, message, await self.job_of(message)
+
+    async def job_of(self, message: dict | str, timeout: float = 20):
+        """The job a message (or message id) shows. The bot records a message's job right after Discord answers the
+        post that created it, so a test that saw the message may ask a moment too early: wait for the record."""
+        message_id = message["id"] if isinstance(message, dict) else message
+        return await self.double.wait_for(lambda: self.studio.job_for_message(message_id), timeout,
+                                          f"the job of message {message_id}")
 
     async def finished(self, handle, timeout: float = 120) -> dict:
         """Wait until an interaction's message shows a final result (buttons or an error line)."""

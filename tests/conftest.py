@@ -1,13 +1,21 @@
-"""Shared fixtures: the real starter model on CPU, offline."""
+"""Shared fixtures: the real starter model on CPU, offline, with a registry and settings of the tests' own."""
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_REGISTRY = ROOT / "tests" / "registry.toml"
+
+# A user's own set-up never changes a test's outcome: no DREAMLOOM_* variable, Discord token or dreamloom.toml of
+# theirs reaches the tests (or the `dreamloom` processes they start), and every registry is the tests' own.
+for _name in [name for name in os.environ if name.startswith("DREAMLOOM_")] + ["DISCORD_TOKEN"]:
+    os.environ.pop(_name, None)
+os.environ["DREAMLOOM_CONFIG"] = str(ROOT / "tests" / "settings.toml")  # empty on purpose
+os.environ["DREAMLOOM_REGISTRY"] = str(TEST_REGISTRY)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np
 import pytest
@@ -15,13 +23,11 @@ import pytest
 from engine.params import parse_prompt
 from engine.registry import load_registry
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="session")
 def registry():
-    """The project's own registry with the committed starter model."""
-    return load_registry(ROOT / "models.toml")
+    """The tests' registry: the committed starter kit (the same entries `models.toml` ships)."""
+    return load_registry(TEST_REGISTRY)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ DREAMLOOM = Path(sys.executable).parent / "dreamloom"
 
 def run(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "DREAMLOOM_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "DREAMLOOM_DEVICE": "cpu"}
-    env.pop("DREAMLOOM_CONFIG", None)
     result = subprocess.run([str(DREAMLOOM), *args], capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr
@@ -88,3 +87,83 @@ def test_bad_input_exits_2_with_a_message(args, fragment, data_dir):
     assert fragment in result.stderr and "Traceback" not in result.stderr
     as_json = run(*args, "--json", data_dir=data_dir, check=False)
     assert as_json.returncode == 2 and fragment in json.loads(as_json.stdout)["error"]
+
+
+def test_models_lists_models_and_loras(data_dir):
+    text = run("models", data_dir=data_dir).stdout
+    assert "starter-shapes" in text and "LoRAs:" in text
+    assert "outline" in text and "trigger lineart" in text and "night" in text
+
+
+def test_no_progress_lines_when_stderr_is_not_a_terminal(data_dir):
+    result = run("imagine", "a blue square --seed 4 --n 1 --steps 6", data_dir=data_dir)
+    assert "step" not in result.stderr  # a log file gets no line per step
+    assert "LoRAs: none" in result.stdout and "took load" in result.stdout
+    outlined = run("imagine", "a red star --lora outline --seed 4 --n 1 --steps 4", data_dir=data_dir)
+    assert "LoRAs: outline:1" in outlined.stdout
+    assert "No LoRA keys" not in outlined.stderr and "%|" not in outlined.stderr  # no library noise, no bars
+
+
+def test_publish_puts_cli_results_in_the_gallery_with_their_lineage(data_dir):
+    import asyncio
+
+    from storage.gallery import GalleryQuery
+    from studio.service import Studio
+    from studio.settings import Settings
+
+    made = json.loads(run("imagine", "a purple circle on a yellow background --seed 21 --steps 6", "--publish",
+                          "--user", "demo", "--json", "--quiet", data_dir=data_dir).stdout)
+    job_id, image_ids = made["published"]["job"], made["published"]["images"]
+    assert len(image_ids) == 4 and made["published"]["gallery"].endswith(f"/image/{image_ids[0]}")
+    varied = json.loads(run("vary", made["images"][2]["path"], "--n", "1", "--publish", "--user", "demo", "--json",
+                            "--quiet", data_dir=data_dir).stdout)
+    text = run("upscale", made["images"][0]["path"], "--publish", "--user", "demo", "--quiet", data_dir=data_dir).stdout
+    assert "in the gallery as job" in text
+
+    async def read():
+        studio = await Studio.open(Settings(data_dir=data_dir))
+        try:
+            items, _ = await studio.gallery(GalleryQuery(period="all", per_page=50, user_id="cli:demo").check())
+            lineage = await studio.lineage(image_ids[2])
+            detail = await studio.image_detail(image_ids[0])
+            return {item.image_id for item in items}, lineage, detail
+        finally:
+            await studio.close()
+
+    listed, lineage, detail = asyncio.run(read())
+    assert set(image_ids) | set(varied["published"]["images"]) <= listed
+    assert [d["job_id"] for d in lineage["descendants"]] == [varied["published"]["job"]]
+    assert detail["job_id"] == job_id and detail["user_id"] == "cli:demo" and detail["seed"] == 21
+    png = Image.open(made["images"][0]["path"])
+    assert str(data_dir) not in png.info["dreamloom"]  # a published file names no local path
+    bad = run("imagine", "a cat", "--publish", "--user", "../etc", data_dir=data_dir, check=False)
+    assert bad.returncode == 2 and "--user takes letters" in bad.stderr
+
+
+def test_nothing_is_dropped_silently(data_dir, tmp_path):
+    iw = run("imagine", "a cat --iw 2", data_dir=data_dir, check=False)
+    assert iw.returncode == 2 and "--iw weighs an image prompt" in iw.stderr
+    several = run("imagine", "a cat --foo 1 --bar --ar 2:1", data_dir=data_dir, check=False)
+    assert several.returncode == 2 and "Unknown parameters --foo, --bar." in several.stderr
+    foreign = tmp_path / "foreign.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(foreign)
+    result = run("vary", str(foreign), data_dir=data_dir, check=False)
+    assert result.returncode == 2 and "carries no prompt" in result.stderr and "--prompt" in result.stderr
+    # An A1111 / ComfyUI PNG: its parameters text gives the prompt.
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a green star on a white background\nNegative prompt: blur\n"
+                                "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 64x64")
+    a1111 = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(a1111, pnginfo=info)
+    varied = json.loads(run("vary", str(a1111), "--n", "1", "--json", "--quiet", data_dir=data_dir).stdout)
+    assert varied["parameters"]["prompt"] == "a green star on a white background"
+
+
+def test_export_counts_in_words():
+    from studio.cli import _human
+
+    one = _human("export", {"images": 1, "pairs": 1, "format": "pairs", "folder": "out"})
+    assert one == "exported 1 image, 1 pair (pairs) to out"
+    assert _human("export", {"images": 3, "pairs": 0, "format": "kohya", "folder": "out"}) == "exported 3 images (kohya) to out"

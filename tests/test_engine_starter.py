@@ -14,6 +14,7 @@ from engine.generation import ImagineRequest, UpscaleRequest, VaryRequest
 from engine.pipelines import tile_boxes
 from engine.registry import ModelSpec, Registry
 from tests.conftest import mean_abs_diff, pixels, prompt
+from tests.aio import run
 
 FAST = " --steps 12"
 
@@ -209,7 +210,7 @@ def test_async_callers_are_not_blocked(engine):
         await task
         return ticks, result
 
-    ticks, result = asyncio.run(scenario())
+    ticks, result = run(scenario())
     assert len(result.images) == 2 and ticks > 5
 
 

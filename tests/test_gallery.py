@@ -55,7 +55,6 @@ class Site:
         self.env = {**os.environ, "DREAMLOOM_DATA_DIR": str(self.data), "DREAMLOOM_REGISTRY": str(registry),
                     "DREAMLOOM_GALLERY_PORT": str(self.port), "DREAMLOOM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
                     "DREAMLOOM_MAX_QUEUED_PER_USER": "50"}
-        self.env.pop("DREAMLOOM_CONFIG", None)
         self.settings = Settings(data_dir=self.data, registry=registry, max_queued_per_user=50)
         # Output to a file, not a pipe nobody reads: a full pipe would block the server mid-test.
         self.log = tmp / "serve.log"
@@ -184,7 +183,43 @@ def test_vote_from_the_image_page(site, browser):
     page.wait_for_function("document.querySelector('#up span').textContent === '1'")
     page.click("#up")  # a second click takes the vote back
     page.wait_for_function("document.querySelector('#up span').textContent === '0'")
+    page.click("#down")
+    page.wait_for_function("document.querySelector('#down span').textContent === '1'")
+    page.reload()  # the visitor's own vote is shown after a reload too
+    assert page.get_attribute("#down", "class").split() == ["vote", "on"]
+    assert page.get_attribute("#up", "class").split() == ["vote"]
+    page.click("#down")
+    page.wait_for_function("document.querySelector('#down span').textContent === '0'")
     page.close()
+
+
+def test_infinite_scroll_adds_cards_like_the_servers(site, browser):
+    page = browser.new_page(viewport={"width": 1000, "height": 400})
+    page.goto(site.base + "/?period=new&per_page=1")  # one card from the server; the rest by infinite scroll
+    page.wait_for_function("document.querySelectorAll('#grid .card').length >= 4", timeout=30_000)
+
+    def shape(card):
+        return card.evaluate("c => [...c.querySelectorAll('*')].map(e => e.tagName + '.' + e.className + "
+                             "(e.tagName === 'IMG' ? ':' + e.getAttribute('loading') + ':' + (e.getAttribute('width') > 0) : '')"
+                             ").join(' ')")
+    cards = page.locator("#grid .card").all()
+    assert {shape(card) for card in cards} == {shape(cards[0])}  # the script's cards are built like the server's
+    ids = [card.get_attribute("data-id") for card in cards]
+    assert len(ids) == len(set(ids))  # pages follow one another: none skipped or repeated
+    assert "starter-" in cards[1].inner_text() and "▲" in cards[1].inner_text()
+    page.close()
+
+
+def test_unknown_pages_are_404_and_the_favicon_is_served(site):
+    assert _get(site.base + "/model/nope")[0] == 404
+    assert _get(site.base + "/lora/nope")[0] == 404
+    assert _get(site.base + "/member/nobody-here")[0] == 404
+    assert _get(site.base + "/model/starter-shapes")[0] == 200
+    assert _get(site.base + "/member/alice?period=all")[0] == 200
+    status, body, headers = _get(site.base + "/favicon.ico")
+    assert status == 200 and headers["Content-Type"] == "image/svg+xml" and body.startswith(b"<svg")
+    status, body, _ = _get(site.base + "/")
+    assert b'rel="icon" href="/favicon.svg"' in body
 
 
 def test_imagine_form_shows_progress_and_the_result(site, browser):

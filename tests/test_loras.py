@@ -12,7 +12,8 @@ from engine.generation import ImagineRequest
 from engine.params import parse_prompt
 from engine.registry import load_registry
 from engine.service import Engine
-from tests.conftest import ROOT, mean_abs_diff, pixels
+from tests.conftest import ROOT, TEST_REGISTRY, mean_abs_diff, pixels
+from tests.aio import run
 
 KIT = ROOT / "models" / "loras"
 pytestmark = pytest.mark.skipif(not (KIT / "outline.safetensors").is_file(), reason="the starter kit's LoRAs are not built")
@@ -32,7 +33,7 @@ def to_kohya(diffusers_file, kohya_file) -> None:
 
 
 def registry_with(tmp_path, extra: str = ""):
-    text = (ROOT / "models.toml").read_text().replace('path = "models/', f'path = "{ROOT}/models/') + extra
+    text = TEST_REGISTRY.read_text().replace('path = "../models/', f'path = "{ROOT}/models/') + extra
     path = tmp_path / "models.toml"
     path.write_text(text)
     return load_registry(path)
@@ -169,4 +170,4 @@ def test_the_studio_stores_the_route_and_the_worker_applies_it(tmp_path):
         engine.close()
         await studio.close()
 
-    asyncio.run(scenario())
+    run(scenario())

@@ -9,7 +9,7 @@ from dreamloom.errors import ConfigError, InvalidPrompt, UnknownModel
 from engine.params import parse_prompt
 from engine.registry import load_registry
 from engine.routing import Embedder, route
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TEST_REGISTRY
 
 S, N = "starter-shapes", "starter-niji"
 # prompt -> (model, LoRAs in order). Explicit choices, trigger words, keywords, similarity, defaults.
@@ -61,7 +61,7 @@ TABLE = [
 
 @pytest.fixture(scope="module")
 def kit():
-    return load_registry(ROOT / "models.toml")
+    return load_registry(TEST_REGISTRY)
 
 
 def test_the_routing_table_is_at_least_90_percent_right(kit):
@@ -93,7 +93,7 @@ def test_a_decision_says_why_and_adds_trigger_words(kit):
 
 def test_conflicting_loras_keep_one_per_group(tmp_path):
     registry = tmp_path / "models.toml"
-    registry.write_text((ROOT / "models.toml").read_text().replace('path = "models/', f'path = "{ROOT}/models/') + """
+    registry.write_text(TEST_REGISTRY.read_text().replace('path = "../models/', f'path = "{ROOT}/models/') + """
 [[loras]]
 name = "sunset"
 path = "sunset.safetensors"
@@ -108,7 +108,7 @@ group = "palette"
 
 def test_incompatible_and_unknown_names_say_what_is_wrong(tmp_path):
     registry = tmp_path / "models.toml"
-    registry.write_text((ROOT / "models.toml").read_text().replace('path = "models/', f'path = "{ROOT}/models/') + """
+    registry.write_text(TEST_REGISTRY.read_text().replace('path = "../models/', f'path = "{ROOT}/models/') + """
 [[loras]]
 name = "xl-detail"
 path = "xl-detail.safetensors"

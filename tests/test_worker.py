@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
 
@@ -16,14 +17,15 @@ from storage.models import Image, Job
 from studio.service import Studio
 from studio.settings import Settings
 from studio.worker import Worker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TEST_REGISTRY
+from tests.aio import run
 
 DREAMLOOM = Path(sys.executable).parent / "dreamloom"
 
 
 def test_worker_runs_imagine_vary_upscale_reroll_with_progress(engine, tmp_path):
     async def scenario():
-        studio = await Studio.open(Settings(data_dir=tmp_path, registry=ROOT / "models.toml", lease_seconds=6))
+        studio = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, lease_seconds=6))
         worker = Worker(studio, engine, "test:1:1")
         job = await studio.submit_imagine("alice", "a red circle on a blue background --seed 7 --steps 8")
         events = studio.subscribe(job.id)
@@ -55,12 +57,12 @@ def test_worker_runs_imagine_vary_upscale_reroll_with_progress(engine, tmp_path)
         assert not await worker.run_one()  # the queue is empty
         await studio.close()
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def test_cancelling_a_running_job_stops_it(engine, tmp_path):
     async def scenario():
-        studio = await Studio.open(Settings(data_dir=tmp_path, registry=ROOT / "models.toml", lease_seconds=3))
+        studio = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, lease_seconds=3))
         worker = Worker(studio, engine, "test:1:1")
         job = await studio.submit_imagine("alice", "a red circle --steps 150 --seed 1")
         events = studio.subscribe(job.id)
@@ -73,12 +75,44 @@ def test_cancelling_a_running_job_stops_it(engine, tmp_path):
         assert view.status == "cancelled" and view.images == []
         await studio.close()
 
-    asyncio.run(scenario())
+    run(scenario())
+
+
+def test_a_cancel_from_another_process_stops_the_running_job_at_its_next_step(engine, tmp_path):
+    async def scenario():
+        # A long lease: its renewals (every 20 s) are not what stops the job.
+        studio = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, lease_seconds=60))
+        worker = Worker(studio, engine, "test:1:1")
+        job = await studio.submit_imagine("alice", "a red circle --steps 150 --q 2 --seed 1")
+        events = studio.subscribe(job.id)
+        running = asyncio.create_task(worker.run_one())
+        steps = []
+        while not steps:
+            event = await events.get()
+            if event.kind == "step":
+                steps.append(event.step)
+        # `dreamloom cancel` in a process of its own: only the database connects it with this worker.
+        env = {**os.environ, "DREAMLOOM_DATA_DIR": str(tmp_path)}
+        cli = await asyncio.create_subprocess_exec(str(DREAMLOOM), "cancel", str(job.id), "--user", "alice", env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        output, errors = await asyncio.wait_for(cli.communicate(), 120)
+        await asyncio.wait_for(running, 60)
+        while not events.empty():
+            event = events.get_nowait()
+            if event.kind == "step":
+                steps.append(event.step)
+        view = await studio.job(job.id)
+        assert view.status == "cancelled" and view.images == [], (output, errors)
+        assert max(steps) < 300  # stopped mid-run: 150 steps at --q 2
+        assert f"job {job.id}: cancelled" in output.decode(), (output, errors)
+        await studio.close()
+
+    run(scenario())
 
 
 def _jobs(data_dir: Path) -> list[dict]:
     async def read():
-        studio = await Studio.open(Settings(data_dir=data_dir, registry=ROOT / "models.toml"))
+        studio = await Studio.open(Settings(data_dir=data_dir, registry=TEST_REGISTRY))
         try:
             async with studio.db.session() as session:
                 jobs = (await session.scalars(select(Job).order_by(Job.id))).all()
@@ -88,14 +122,14 @@ def _jobs(data_dir: Path) -> list[dict]:
         finally:
             await studio.close()
 
-    return asyncio.run(read())
+    return run(read())
 
 
+@pytest.mark.timeout(600)  # three `serve` starts and 8 jobs: about 100 s alone, twice that beside another busy process
 def test_kill_9_mid_queue_then_restart_completes_every_job_exactly_once(tmp_path):
     data = tmp_path / "data"
     env = {**os.environ, "DREAMLOOM_DATA_DIR": str(data), "DREAMLOOM_DEVICE": "cpu", "DREAMLOOM_LEASE_SECONDS": "5",
            "HF_HUB_OFFLINE": "1"}
-    env.pop("DREAMLOOM_CONFIG", None)
     for i in range(8):
         subprocess.run([str(DREAMLOOM), "submit", f"a red circle --steps 40 --seed {i} --n {1 + i % 2}",
                         "--user", f"user{i % 3}"], env=env, check=True, capture_output=True, timeout=120)

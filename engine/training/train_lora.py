@@ -30,6 +30,9 @@ TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff
                   "conv1", "conv2"]
 
 
+RECOMMENDED_IMAGES = 10  # fewer, and `train-lora` says what to expect before it spends the steps
+
+
 @dataclass(frozen=True)
 class LoraTrainingReport:
     """What a training run did."""
@@ -86,6 +89,9 @@ def train_lora(dataset: Path, base: ModelSpec, trigger: str, out: Path, *, steps
 
     # 1. The dataset, with the trigger word in every caption.
     pairs = read_imagefolder(dataset)
+    if len(pairs) < RECOMMENDED_IMAGES:
+        log(f"warning: {dataset} holds {len(pairs)} image(s); a LoRA trained on so few copies them rather than "
+            f"learning a style. {RECOMMENDED_IMAGES} or more (20-50 is usual) give a style that carries over to new prompts.")
     captions = [text if trigger.lower() in text.lower() else f"{trigger}, {text}" for _, text in pairs]
 
     # 2. The base pipeline; only the LoRA weights train.

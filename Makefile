@@ -20,9 +20,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev,postgres]"
 	touch $(STAMP)
 
+# The demo grid goes through the studio (--publish), so a new install's gallery shows it; once per data directory.
+DATA_DIR = $${DREAMLOOM_DATA_DIR:-data}
+
 run: setup
-	# A demo generation with the starter model, then the studio service (Ctrl-C stops it).
-	$(VENV)/bin/dreamloom imagine "a red circle on a blue background --ar 3:2 --seed 7"
+	# A demo generation with the starter model (the first time), then the studio service (Ctrl-C stops it).
+	@test -f "$(DATA_DIR)/.demo-published" || { \
+	  $(VENV)/bin/dreamloom imagine "a red circle on a blue background --ar 3:2 --seed 7" --publish --user demo && \
+	  touch "$(DATA_DIR)/.demo-published"; }
 	$(VENV)/bin/dreamloom serve
 
 test: setup system-packages

@@ -75,7 +75,23 @@ def make_scheduler(sampler: str, config):
         "unipc": lambda: UniPCMultistepScheduler.from_config(config),
         "lcm": lambda: LCMScheduler.from_config(config),
     }
-    return factories[sampler]()
+    return _keeping_x0(factories[sampler]())
+
+
+def _keeping_x0(scheduler):
+    """Let the scheduler remember its last estimate of the finished latents (Euler, Euler a, DDIM and LCM compute it
+    in `step` and hand it back beside the next latents), so a step's preview can show where the run is heading."""
+    step = scheduler.step
+
+    def step_keeping_x0(*args, **kwargs):
+        output = step(*args, **kwargs)
+        estimate = output[1] if isinstance(output, tuple) and len(output) > 1 else \
+            getattr(output, "pred_original_sample", None) or getattr(output, "denoised", None)
+        scheduler.__dict__["last_x0"] = estimate if isinstance(estimate, torch.Tensor) else None
+        return output
+
+    scheduler.step = step_keeping_x0
+    return scheduler
 
 
 def latents_preview(latents: torch.Tensor, family: str, factors=None) -> Image.Image | None:
@@ -110,9 +126,13 @@ SMALL_VAE_PARAMETERS = 5_000_000  # a VAE this small decodes a preview in millis
 def _predicted_final(scheduler, latents: torch.Tensor) -> torch.Tensor:
     """The scheduler's estimate of the finished latents, where it keeps one; else the current noisy latents.
 
-    DPM++ (dpmsolver++) and UniPC (predict_x0) store their last x0 prediction in `model_outputs`: a preview from it
-    shows the picture the run is heading for from the first steps, instead of noise until the last ones.
+    Euler, Euler a, DDIM and LCM hand it back from `step` (kept by `_keeping_x0`); DPM++ (dpmsolver++) and UniPC
+    (predict_x0) keep their last x0 prediction in `model_outputs`. A preview from it shows the picture the run is
+    heading for from the first steps, instead of noise until the last ones.
     """
+    last = scheduler.__dict__.get("last_x0")
+    if last is not None and last.shape == latents.shape:
+        return last
     keeps_x0 = getattr(scheduler.config, "algorithm_type", "") in ("dpmsolver++", "sde-dpmsolver++") or \
         getattr(scheduler.config, "predict_x0", False) is True
     outputs = getattr(scheduler, "model_outputs", None)

@@ -198,6 +198,9 @@ def cmd_serve(args, settings) -> dict[str, Any]:
     from studio.worker import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The log tells what happens to jobs; libraries' start-up chatter (migrations, model files) only at WARNING.
+    for chatty in ("alembic", "sentence_transformers", "httpx", "aiohttp.access"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     front_doors = []
     if settings.gallery_port:
         from gallery.app import start_gallery  # the composition root wires the front doors
@@ -357,7 +360,7 @@ def _human(command: str, document: dict[str, Any]) -> str:
         if document.get("position") is not None:
             lines.append(f"queue position {document['position']}, about {document['eta_seconds']:.0f} s")
         if document.get("error"):
-            lines.append(f"error: {document['error']}")
+            lines.append(document["error"] if document["status"] == "cancelled" else f"error: {document['error']}")
         if document.get("note"):
             lines.append(document["note"])
         lines += [f"image {i['id']} (#{i['index']}, seed {i['seed']}, {i['up']} up / {i['down']} down): {i['path']}"
@@ -385,8 +388,7 @@ def _human(command: str, document: dict[str, Any]) -> str:
     if document.get("timings"):
         lines.append("took " + ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in document["timings"].items()))
     if document.get("published"):
-        lines.append(f"in the gallery as job {document['published']['job']}: "
-                     + ", ".join(f"/image/{i}" for i in document["published"]["images"]))
+        lines.append(f"in the gallery as job {document['published']['job']}: {document['published']['gallery']}")
     return "\n".join(lines)
 
 

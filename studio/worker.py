@@ -62,7 +62,9 @@ class Worker:
         watcher = asyncio.create_task(self._watch_cancel(job.id, cancel))
         self.studio.running_jobs[job.id] = cancel  # a cancel in this process stops the job at once
         self.studio.publish(ProgressEvent(job.id, "started"))
-        log.info("job %s started: %s by %s on %s (attempt %s)", job.id, job.kind, job.user_id, job.model, job.attempts)
+        waited = (job.started_at - job.created_at).total_seconds() if job.started_at and job.created_at else 0.0
+        log.info("job %s started: %s by %s on %s (waited %.1f s, attempt %s)", job.id, job.kind, job.user_id, job.model,
+                 waited, job.attempts)
         started = time.monotonic()
         try:
             result = await self._generate(job, cancel)
@@ -78,7 +80,7 @@ class Worker:
                 log.warning("job %s finished after its lease was lost; its result was dropped", job.id)
         except GenerationCancelled:
             requeue = self.interrupt.is_set()
-            message = "Interrupted by a shutdown; it will run again." if requeue else "Cancelled."
+            message = "Interrupted by a shutdown; it will run again." if requeue else "Cancelled while it ran."
             await self._end(job.id, message, retry=requeue, cancelled=not requeue)
         except EngineUnavailable as error:
             await self._end(job.id, str(error), retry=True)

@@ -70,7 +70,7 @@ class BotWorld:
                                         poll_interval_s=1.0, **options)
         self.bot = self.stop_bot.bot
         await self.double.connected()
-        await self.double.wait_for(lambda: self.bot.is_ready(), 20, "the bot to be ready")
+        await self.double.wait_for(lambda: self.bot.is_ready(), 60, "the bot to be ready")
 
     async def restart_bot(self, **options) -> None:
         """Stop the bot completely and start a new client (as a process restart would)."""
@@ -97,7 +97,7 @@ class BotWorld:
         message = await self.finished(handle)
         return handle, message, await self.job_of(message)
 
-    async def job_of(self, message: dict | str, timeout: float = 20):
+    async def job_of(self, message: dict | str, timeout: float = 60):
         """The job a message (or message id) shows. The bot records a message's job right after Discord answers the
         post that created it, so a test that saw the message may ask a moment too early: wait for the record."""
         message_id = message["id"] if isinstance(message, dict) else message
@@ -113,7 +113,7 @@ class BotWorld:
             return None
         return await self.double.wait_for(done, timeout, "the job's result")
 
-    async def error_reply(self, handle, timeout: float = 20) -> str:
+    async def error_reply(self, handle, timeout: float = 60) -> str:
         """The ephemeral error text an interaction got (an immediate reply or a follow-up)."""
         def found():
             for callback in handle.callbacks:

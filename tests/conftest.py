@@ -81,3 +81,33 @@ def database_url(request, tmp_path):
         return f"sqlite+aiosqlite:///{tmp_path / 'dreamloom.db'}"
     server = request.getfixturevalue("postgres_server")
     return server.create_database(f"test_{next(_database_counter)}_{os.getpid()}")
+
+
+_exit_status = {"code": 0}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status["code"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """A thread that never returned must not hang the run at exit (Python joins its threads there): name it with
+    its stack and leave with the tests' own exit status."""
+    import sys
+    import threading
+    import traceback
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in others:
+        thread.join(timeout=5)
+    stuck = [t for t in others if t.is_alive()]
+    if not stuck:
+        return
+    frames = sys._current_frames()
+    for thread in stuck:
+        print(f"\nthread {thread.name} never returned:", file=sys.stderr)
+        if thread.ident in frames:
+            traceback.print_stack(frames[thread.ident], file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status["code"] or 1)

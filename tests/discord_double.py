@@ -195,7 +195,7 @@ class DiscordDouble:
             except ConnectionResetError:
                 pass  # delivered on RESUME
 
-    async def connected(self, timeout: float = 20) -> None:
+    async def connected(self, timeout: float = 60) -> None:
         """Wait until the bot identified (or resumed) on the gateway."""
         await asyncio.wait_for(self._connected.wait(), timeout)
 

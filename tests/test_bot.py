@@ -93,21 +93,21 @@ def test_reactions_act_and_vote(engine, tmp_path):
 
             # Votes: a grid vote counts for its images; removing the reaction removes the vote.
             await double.react(world.bob, grid_message["id"], "\U0001f44d")
-            await double.wait_for(_votes(studio, grid.id, (1, 0)), 20, "bob's vote")
+            await double.wait_for(_votes(studio, grid.id, (1, 0)), 60, "bob's vote")
             await double.react(world.admin, upscaled_message["id"], "\U0001f44e")
-            await double.wait_for(_votes(studio, upscaled.id, (0, 1)), 20, "a down vote")
+            await double.wait_for(_votes(studio, upscaled.id, (0, 1)), 60, "a down vote")
             await double.react(world.bob, grid_message["id"], "\U0001f44d", add=False)
-            await double.wait_for(_votes(studio, grid.id, (0, 0)), 20, "the vote removed")
+            await double.wait_for(_votes(studio, grid.id, (0, 0)), 60, "the vote removed")
             await double.react(world.bob, upscaled_message["id"], "\u2b50")
-            await double.wait_for(_favourite(studio, "discord:3002", upscaled.images[0].id), 20, "a favourite")
+            await double.wait_for(_favourite(studio, "discord:3002", upscaled.images[0].id), 60, "a favourite")
 
             # The starboard: at the server's threshold the image is reposted once to the gallery channel.
             set_gallery = await double.slash(world.admin, "admin", {"channel": ("channel", double.gallery_channel_id),
                                                                     "threshold": 2}, subcommand="gallery")
-            await double.wait_for(lambda: set_gallery.callbacks, 20, "the admin reply")
+            await double.wait_for(lambda: set_gallery.callbacks, 60, "the admin reply")
             for member in (world.alice, world.bob, world.admin):
                 await double.react(member, upscaled_message["id"], "\U0001f44d")
-            starboard = await double.wait_for(lambda: double.channel_messages(double.gallery_channel_id), 30, "a repost")
+            starboard = await double.wait_for(lambda: double.channel_messages(double.gallery_channel_id), 60, "a repost")
             await asyncio.sleep(0.5)
             assert len(double.channel_messages(double.gallery_channel_id)) == 1
             assert f"/image/{upscaled.images[0].id}" in starboard[0]["content"] and starboard[0]["attachments"]
@@ -135,7 +135,7 @@ def test_429_storm_and_a_dropped_gateway_mid_job(engine, tmp_path):
             # Every progress edit is rate limited for a while, and the first delivery attempts hit 5xx too.
             storm = double.fail("PATCH", r"^/webhooks/\d+/[^/]+/messages/@original$", 429, times=12, retry_after=0.05)
             handle = await double.slash(world.alice, "imagine", {"prompt": "a blue triangle on an orange background --steps 12"})
-            await double.wait_for(lambda: handle.callbacks, 10, "the defer")
+            await double.wait_for(lambda: handle.callbacks, 60, "the defer")
             await double.drop_gateway()  # mid-job: the bot resumes and the job is still delivered
             message = await world.finished(handle)
             assert storm.times == 0
@@ -162,7 +162,7 @@ def test_results_after_the_interaction_token_expired_come_as_a_channel_message(e
             double = world.double
             await world.restart_bot(interaction_lifetime_s=0.3)  # Discord's 15 minutes, shortened
             handle = await double.slash(world.alice, "imagine", {"prompt": "a red square on a green background --steps 20"})
-            await double.wait_for(lambda: handle.original_id, 10, "the acknowledgement")
+            await double.wait_for(lambda: handle.original_id, 60, "the acknowledgement")
 
             def delivered():
                 return [m for m in double.channel_messages(double.channel_id)
@@ -220,7 +220,7 @@ def test_bad_input_gets_a_clear_private_message(engine, tmp_path):
             await world.finished(allowed)
             # Banned words, named in the refusal.
             words = await double.slash(world.admin, "admin", {"words": "dragon, Lava Lamp"}, subcommand="banned-words")
-            await double.wait_for(lambda: words.callbacks, 20, "the admin reply")
+            await double.wait_for(lambda: words.callbacks, 60, "the admin reply")
             assert "lava lamp" in await error_for({"prompt": "a LAVA LAMP on a table"})
             # Admin commands are checked, not only hidden.
             ban = await double.slash(world.bob, "admin", {"member": world.alice}, subcommand="ban")
@@ -228,7 +228,7 @@ def test_bad_input_gets_a_clear_private_message(engine, tmp_path):
             assert "after-dark" in (await world.job_of(double.original(allowed)["id"])).model
             # A real ban by an admin stops generation with a message.
             ban = await double.slash(world.admin, "admin", {"member": world.alice}, subcommand="ban")
-            await double.wait_for(lambda: ban.callbacks, 20, "the ban")
+            await double.wait_for(lambda: ban.callbacks, 60, "the ban")
             assert "banned" in await error_for({"prompt": "a red circle"})
             # Nothing of the refused requests was queued, and the bot still works.
             assert len(await studio.jobs(limit=100)) == 1
@@ -247,7 +247,7 @@ def test_member_commands(engine, tmp_path):
 
             async def reply(member, name, options=None, **kwargs):
                 handle = await double.slash(member, name, options, **kwargs)
-                await double.wait_for(lambda: handle.callbacks, 20, f"/{name}")
+                await double.wait_for(lambda: handle.callbacks, 60, f"/{name}")
                 return handle.callbacks[0]["data"]
 
             settings = await reply(world.alice, "settings", {"ar": "3:2", "chaos": 10})
@@ -261,7 +261,7 @@ def test_member_commands(engine, tmp_path):
             assert "LoRA" in (await reply(world.alice, "loras"))["content"]
             assert "U1-U4" in (await reply(world.alice, "help"))["content"]
             complete = await double.slash(world.alice, "imagine", {"prompt": "x", "model": "after"}, focused="model")
-            await double.wait_for(lambda: complete.token in double.autocomplete, 20, "autocomplete")
+            await double.wait_for(lambda: complete.token in double.autocomplete, 60, "autocomplete")
             assert [c["value"] for c in double.autocomplete[complete.token]] == ["after-dark"]
 
             # /queue lists waiting jobs with cancel buttons; another member cannot cancel them.
@@ -276,7 +276,7 @@ def test_member_commands(engine, tmp_path):
             stranger = await double.click(world.bob, queue_message["id"], f"dl:cancel:{job.id}")
             assert "not yours" in await world.error_reply(stranger)
             owner = await double.click(world.alice, queue_message["id"], f"dl:cancel:{job.id}")
-            await double.wait_for(lambda: owner.callbacks, 20, "the cancel")
+            await double.wait_for(lambda: owner.callbacks, 60, "the cancel")
             assert (await studio.job(job.id)).status == "cancelled"
 
             # /info shows a finished job's seed, model and lineage; /gallery pages through the server's best.
@@ -293,7 +293,7 @@ def test_member_commands(engine, tmp_path):
                                                if h.callbacks and "Gallery" in (h.callbacks[0].get("data") or {}).get("content", "")][-1])
             assert gallery_message["attachments"]
             next_page = await double.click(world.bob, gallery_message["id"], "dl:gal:all:2:")
-            await double.wait_for(lambda: next_page.callbacks, 20, "page 2")
+            await double.wait_for(lambda: next_page.callbacks, 60, "page 2")
             assert next_page.callbacks[0]["type"] == 7
             assert "#2" in double.messages[gallery_message["id"]]["content"]
 

@@ -103,14 +103,21 @@ def test_tile_boxes_cover_the_image():
     assert covered.all()
 
 
-def test_progress_reports_every_step_with_a_preview(engine):
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a"])
+def test_progress_reports_every_step_with_a_preview_that_looks_like_the_result(engine, sampler):
+    from engine.images import make_grid
+
     seen = []
-    imagine(engine, "a blue square on a yellow background --seed 2 --n 2",
-            on_step=lambda p: seen.append((p.step, p.total, p.preview())))
-    assert [step for step, _, _ in seen] == list(range(1, 13))
-    assert all(total == 12 for _, total, _ in seen)
-    preview = seen[-1][2]
-    assert preview is not None and preview.size == (32, 16)  # two 16x16 latent previews side by side
+    request = ImagineRequest(prompt(f"a blue square on a yellow background --seed 2 --n 2 --steps 16 --sampler {sampler}"))
+    result = engine.imagine(request, on_step=lambda p: seen.append((p.step, p.total, p.preview())))
+    assert [step for step, _, _ in seen] == list(range(1, 17))
+    assert all(total == 16 for _, total, _ in seen)
+    final = make_grid(result.images)
+    assert all(preview.size == final.size for _, _, preview in seen)  # decoded by the starter's own small VAE
+    assert mean_abs_diff(seen[-1][2], final) < 1
+    # Three quarters of the way the preview already shows the picture it becomes (the predicted final latents,
+    # not the noisy ones: those were 40-80 levels off here, in the wrong colours).
+    assert mean_abs_diff(seen[11][2], final) < 15
 
 
 def test_cancel_stops_the_job_and_the_engine_keeps_working(engine):

@@ -194,9 +194,14 @@ def test_vote_from_the_image_page(site, browser):
 
 
 def test_infinite_scroll_adds_cards_like_the_servers(site, browser):
-    page = browser.new_page(viewport={"width": 1000, "height": 400})
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
     page.goto(site.base + "/?period=new&per_page=1")  # one card from the server; the rest by infinite scroll
-    page.wait_for_function("document.querySelectorAll('#grid .card').length >= 4", timeout=30_000)
+    for _ in range(40):
+        if page.locator("#grid .card").count() >= 4:
+            break
+        page.mouse.wheel(0, 2000)  # scroll down as a visitor does: the "More" link comes into view
+        page.wait_for_timeout(250)
+    assert page.locator("#grid .card").count() >= 4
 
     def shape(card):
         return card.evaluate("c => [...c.querySelectorAll('*')].map(e => e.tagName + '.' + e.className + "

@@ -149,7 +149,6 @@ def test_the_trainer_writes_a_file_plain_diffusers_loads(tmp_path):
 
 
 def test_the_studio_stores_the_route_and_the_worker_applies_it(tmp_path):
-    import asyncio
 
     from studio.service import Studio
     from studio.settings import Settings

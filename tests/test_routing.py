@@ -1,14 +1,12 @@
 """Prompt-based routing: a table of real prompts with the model and LoRAs a person would pick, and the errors."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from dreamloom.errors import ConfigError, InvalidPrompt, UnknownModel
 from engine.params import parse_prompt
 from engine.registry import load_registry
-from engine.routing import Embedder, route
+from engine.routing import route
 from tests.conftest import ROOT, TEST_REGISTRY
 
 S, N = "starter-shapes", "starter-niji"
@@ -142,15 +140,3 @@ def test_bad_registry_entries_name_the_entry_and_field(tmp_path, entry, message)
     assert message in str(error.value)
     with pytest.raises(ConfigError, match="Model registry not found at"):
         load_registry(tmp_path / "missing.toml")
-
-
-def test_routing_is_fast_enough_on_cpu(kit):
-    embedder = Embedder()  # no prompt embeddings kept from the other tests
-    route(kit, parse_prompt("warm up the embedding model"), embedder)
-    durations = []
-    for text, _, _ in TABLE:
-        started = time.perf_counter()
-        route(kit, parse_prompt(text), embedder)
-        durations.append(time.perf_counter() - started)
-    durations.sort()
-    print(f"\nrouting p50 {durations[len(durations) // 2] * 1000:.1f} ms, p95 {durations[int(0.95 * (len(durations) - 1))] * 1000:.1f} ms")

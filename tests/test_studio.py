@@ -16,10 +16,8 @@ from storage.gallery import GalleryQuery
 from storage.models import Image, Job, JobLora, User
 from studio.service import Studio
 from studio.settings import Settings
-from tests.conftest import ROOT, TEST_REGISTRY
+from tests.conftest import TEST_REGISTRY
 from tests.aio import run
-
-
 
 
 async def open_studio(database_url: str, tmp_path: Path, **overrides) -> Studio:
@@ -366,6 +364,19 @@ def test_times_come_back_as_utc(database_url, tmp_path):
         job = await studio.submit_imagine("alice", "a red circle")
         again = await studio.job(job.id)
         assert again.created_at.tzinfo is not None and again.created_at.utcoffset().total_seconds() == 0
+        await studio.close()
+
+    run(scenario())
+
+
+def test_nothing_is_queued_that_would_be_dropped_silently(tmp_path):
+    async def scenario():
+        studio = await open_studio(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+        with pytest.raises(InvalidPrompt, match="--iw weighs an image prompt"):
+            await studio.submit_imagine("alice", "a cat --iw 2")
+        with pytest.raises(InvalidPrompt, match="Unknown parameters --fast, --hd"):
+            await studio.submit_imagine("alice", "a cat --fast --hd --ar 3:2")
+        assert await studio.jobs() == []
         await studio.close()
 
     run(scenario())

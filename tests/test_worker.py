@@ -17,7 +17,7 @@ from storage.models import Image, Job
 from studio.service import Studio
 from studio.settings import Settings
 from studio.worker import Worker
-from tests.conftest import ROOT, TEST_REGISTRY
+from tests.conftest import TEST_REGISTRY
 from tests.aio import run
 
 DREAMLOOM = Path(sys.executable).parent / "dreamloom"

@@ -16,7 +16,7 @@ import jinja2
 from aiohttp import web
 from PIL import Image
 
-from dreamloom.errors import DreamloomError, InvalidRequest, NotFound
+from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
 
 from studio.service import TERMINAL, GalleryQuery, Studio
 
@@ -40,7 +40,7 @@ async def errors(request: web.Request, handler):
     except web.HTTPException:
         raise
     except DreamloomError as error:
-        status = 404 if isinstance(error, NotFound) else 400
+        status = 404 if isinstance(error, NotFound) else 403 if isinstance(error, NotAllowed) else 400
         if _wants_json(request):
             return web.json_response({"error": str(error)}, status=status)
         response = aiohttp_jinja2.render_template("error.html", request, {"message": str(error), "status": status})
@@ -180,7 +180,8 @@ async def imagine_submit(request: web.Request) -> web.StreamResponse:
 
 async def job_page(request: web.Request) -> web.Response:
     job = await request.app[STUDIO].public_job(int(request.match_info["id"]))
-    return aiohttp_jinja2.render_template("job.html", request, {"job": job.to_dict(), "terminal": job.status in TERMINAL})
+    return aiohttp_jinja2.render_template("job.html", request, {"job": job.to_dict(), "terminal": job.status in TERMINAL,
+                                                                "mine": job.user_id == request["user_id"]})
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
@@ -237,6 +238,17 @@ async def api_job(request: web.Request) -> web.Response:
     return web.json_response(job)
 
 
+async def api_cancel(request: web.Request) -> web.Response:
+    """The job page's Cancel button: a queued job at once, a running one at its next step (its owner only)."""
+    studio = request.app[STUDIO]
+    job_id = int(request.match_info["id"])
+    await studio.public_job(job_id)  # what the web cannot see, it cannot cancel either
+    if request.content_type != "application/json":
+        raise InvalidRequest("Send the request as JSON.")  # a plain cross-site form cannot
+    view = await studio.cancel(job_id, request["user_id"])
+    return web.json_response({"status": view.status})
+
+
 async def api_vote(request: web.Request) -> web.Response:
     studio = request.app[STUDIO]
     image_id = int(request.match_info["id"])
@@ -283,6 +295,7 @@ def create_app(studio: Studio) -> web.Application:
         web.get(f"/api/images/{number}", api_image),
         web.get(f"/api/jobs/{number}", api_job),
         web.post(f"/api/images/{number}/vote", api_vote),
+        web.post(f"/api/jobs/{number}/cancel", api_cancel),
     ])
     return app
 

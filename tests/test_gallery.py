@@ -242,6 +242,27 @@ def test_imagine_form_shows_progress_and_the_result(site, browser):
     page.close()
 
 
+def test_cancel_a_running_job_from_its_page(site, browser):
+    page = browser.new_page()
+    page.goto(site.base + "/imagine")
+    page.fill("#prompt-input", "a white square on a red background --steps 150 --q 2 --seed 9")
+    page.click("#submit")
+    job_id = int(page.url.rsplit("/", 1)[1])
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('step')", timeout=120_000)
+    stranger = browser.new_context().new_page()  # another visitor (another cookie) gets no button and a 403
+    stranger.goto(f"{site.base}/jobs/{job_id}")
+    assert stranger.locator("#cancel").count() == 0
+    answer = stranger.evaluate(f"fetch('/api/jobs/{job_id}/cancel', {{method: 'POST', headers: {{'Content-Type': "
+                               "'application/json'}, body: '{}'}).then(r => r.status)")
+    assert answer == 403
+    stranger.context.close()
+    page.click("#cancel")
+    page.wait_for_function("document.getElementById('status').dataset.status === 'cancelled'", timeout=60_000)
+    job = site.wait_done(job_id)
+    assert job["status"] == "cancelled" and job["images"] == []
+    page.close()
+
+
 def test_pages_read_without_javascript(site, browser):
     context = browser.new_context(java_script_enabled=False)
     page = context.new_page()

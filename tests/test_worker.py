@@ -162,6 +162,9 @@ def test_kill_9_mid_queue_then_restart_completes_every_job_exactly_once(tmp_path
     server.send_signal(signal.SIGTERM)
     output, _ = server.communicate(timeout=120)
     assert server.returncode == 0 and "interrupted job(s) queued again" in output and "stopped" in output
+    # The log tells what happened to each job, one line an event, and nothing else of note.
+    assert " done: " in output and " started: " in output and "waited" in output, output
+    assert "%|" not in output and "Batches" not in output and "Loading" not in output, output
 
     jobs = _jobs(data)
     assert len(jobs) == 8 and all(j["status"] == "done" for j in jobs), jobs

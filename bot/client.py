@@ -142,7 +142,8 @@ class DreamloomBot(discord.Client):
         """The Cancel button of /queue (owners only)."""
         async def work():
             job = await self.studio.cancel(job_id, user_key(interaction.user))
-            await interaction.response.send_message(f"Job {job.id}: {job.status}.", ephemeral=True)
+            state = "stopping at its next step" if job.status == "running" else job.status
+            await interaction.response.send_message(f"Job {job.id}: {state}.", ephemeral=True)
         await self.guarded(interaction, work())
 
     async def show_gallery(self, interaction: discord.Interaction, period: str, page: int, model: str | None,

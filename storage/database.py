@@ -1,6 +1,8 @@
 """The database: SQLite (WAL, busy timeout) under the data directory by default, PostgreSQL by URL."""
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,12 +13,28 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker, create_async_engine
 
 from dreamloom.errors import ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def uninterrupted(method):
+    """For async functions that hold database sessions: the work runs in a task of its own, so cancelling the caller
+    (a front door closing, a shutdown, a test's teardown) returns at once while the unit of work finishes.
+
+    Why: a task cancelled in the middle of a SQLAlchemy session on aiosqlite never finishes cancelling (SQLAlchemy
+    closes the connection under `asyncio.shield`, and aiosqlite's close never completes there; the same deadlock is
+    reported against SQLAlchemy 2.x with aiosqlite 0.21 and 0.22). The task hangs, and `asyncio.run`'s clean-up, which
+    waits for it, hangs the process.
+    """
+    @functools.wraps(method)
+    async def run_to_the_end(*args, **kwargs):
+        return await asyncio.shield(asyncio.ensure_future(method(*args, **kwargs)))
+
+    return run_to_the_end
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -62,6 +80,14 @@ class Database:
         async with self.sessions() as session:
             async with session.begin():
                 yield session
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only unit of work. On SQLite it takes no write lock (`session` does, up front), so a frequent poll
+        never holds up the writers of this or another process."""
+        async with self.engine.connect() as connection:
+            await connection.execution_options(dreamloom_read_only=True)
+            yield connection
 
     async def upgrade(self, revision: str = "head") -> None:
         """Apply migrations up to `revision` (all by default)."""
@@ -119,5 +145,8 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:
 
 def _sqlite_on_begin(connection) -> None:
     # BEGIN IMMEDIATE: a transaction that will write waits for the lock at its start (busy_timeout),
-    # instead of failing with "database is locked" when it upgrades from reading to writing.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # instead of failing with "database is locked" when it upgrades from reading to writing. Reads say so.
+    if connection.get_execution_options().get("dreamloom_read_only"):
+        connection.exec_driver_sql("BEGIN")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -23,7 +23,7 @@ from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry
 from engine.routing import RouteDecision, prepare_routing, route
 from storage import queue, votes
-from storage.database import Database, sqlite_url
+from storage.database import Database, sqlite_url, uninterrupted
 from storage.export import ExportFilter, ExportReport, export_dataset
 from storage.files import ImageStore
 from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
@@ -163,6 +163,7 @@ class Studio:
 
     # -- submitting ------------------------------------------------------------------------------
 
+    @uninterrupted
     async def _enqueue(self, new: queue.NewJob, rules: GuildSettings | None = None) -> JobView:
         limit, quota = self.settings.max_queued_per_user, self.settings.daily_quota
         if rules is not None:
@@ -175,6 +176,7 @@ class Studio:
         log.info("job %s queued: %s by %s on %s (position %s)", view.id, new.kind, new.user_id, new.model, view.position)
         return view
 
+    @uninterrupted
     async def submit_imagine(self, user_id: str, text: str, *, kind: str = "imagine", guild_id: str | None = None,
                              channel_id: str | None = None, image_prompt: bytes | None = None,
                              age_restricted_channel: bool | None = None) -> JobView:
@@ -207,6 +209,7 @@ class Studio:
             max_attempts=self.settings.max_attempts, loras=decision.to_dict()["loras"], route_reason=decision.reason_text,
         ), rules)
 
+    @uninterrupted
     async def publish_result(self, user_id: str, kind: str, raw_prompt: str, result, *, started_at: datetime,
                              source_sha256: str | None = None, mode: str | None = None) -> JobView:
         """Keep a result the owner made at the command line (`dreamloom imagine --publish`) as a finished job, so
@@ -244,6 +247,7 @@ class Studio:
         image.save(buffer, format="PNG")
         return self.store.put(buffer.getvalue()).path
 
+    @uninterrupted
     async def submit_from_image(self, user_id: str, image_id: int, kind: str, mode: str, *,
                                 age_restricted_channel: bool | None = None) -> JobView:
         """Queue an upscale (`mode` detail/creative) or variations (`mode` subtle/strong) of a stored image."""
@@ -268,6 +272,7 @@ class Studio:
             max_attempts=self.settings.max_attempts, route_reason=f"same model and LoRAs as image {image_id}",
         ), rules)
 
+    @uninterrupted
     async def submit_reroll(self, user_id: str, job_id: int, *, age_restricted_channel: bool | None = None) -> JobView:
         """The same prompt again with new seeds."""
         async with self.db.session() as session:
@@ -280,6 +285,7 @@ class Studio:
                                          image_prompt=self.store.read(image_prompt) if image_prompt else None,
                                          age_restricted_channel=age_restricted_channel)
 
+    @uninterrupted
     async def cancel(self, job_id: int, user_id: str | None) -> JobView:
         """Cancel a queued job, or ask a running one to stop (owner only; `user_id=None` for admins)."""
         async with self.db.session() as session:
@@ -292,6 +298,7 @@ class Studio:
         log.info("job %s: cancel asked by %s (%s)", job_id, user_id or "an admin", view.status)
         return view
 
+    @uninterrupted
     async def attach_message(self, job_id: int, channel_id: str, message_id: str) -> None:
         """Remember the chat message that shows a job, so reactions and buttons on it find the job later."""
         async with self.db.session() as session:
@@ -300,6 +307,7 @@ class Studio:
                 raise NotFound(f"There is no job {job_id}.")
             job.channel_id, job.message_id = channel_id, message_id
 
+    @uninterrupted
     async def job_for_message(self, message_id: str) -> JobView | None:
         """The job a chat message shows, if any."""
         async with self.db.session() as session:
@@ -308,12 +316,14 @@ class Studio:
 
     # -- servers, members and the registry (admin) --------------------------------------------------
 
+    @uninterrupted
     async def guild_settings(self, guild_id: str) -> GuildSettings:
         """A server's settings (defaults when it never changed any)."""
         async with self.db.session() as session:
             guild = await session.get(Guild, guild_id)
             return GuildSettings.from_dict(guild.settings if guild else {})
 
+    @uninterrupted
     async def update_guild_settings(self, guild_id: str, name: str = "", **changes: Any) -> GuildSettings:
         """Change some of a server's settings (checked); returns all of them."""
         async with self.db.session() as session:
@@ -325,6 +335,7 @@ class Studio:
             guild.settings = {**guild.settings, **updated.to_dict()}
             return updated
 
+    @uninterrupted
     async def set_banned(self, user_id: str, banned: bool) -> None:
         """Ban or unban a member: a banned member cannot queue jobs and the gallery hides their images."""
         async with self.db.session() as session:
@@ -337,6 +348,7 @@ class Studio:
         self._registry_mtime = Path(self.settings.registry).stat().st_mtime_ns
         return self.registry
 
+    @uninterrupted
     async def claim_starboard(self, image_id: int, guild_id: str) -> GuildSettings | None:
         """Whether an image just reached its server's 👍 threshold and should be reposted (once, ever).
 
@@ -351,6 +363,7 @@ class Studio:
             ).values(starboard_message_id="pending"))
             return rules if claimed.rowcount == 1 else None
 
+    @uninterrupted
     async def starboard_posted(self, image_id: int, message_id: str | None) -> None:
         """Record the repost (or, with None after a failed post, allow a later vote to try again)."""
         async with self.db.session() as session:
@@ -358,39 +371,46 @@ class Studio:
 
     # -- votes and favourites ---------------------------------------------------------------------
 
+    @uninterrupted
     async def vote(self, image_id: int, user_id: str, value: int, source: str = "cli") -> tuple[int, int]:
         """Record a vote (+1/-1) and return the image's (up, down)."""
         async with self.db.session() as session:
             await votes.set_vote(session, user_id, image_id, value, source)
             return await votes.tally(session, image_id)
 
+    @uninterrupted
     async def vote_of(self, image_id: int, user_id: str) -> int:
         """A user's own vote on an image (1, -1, or 0), so a page can show it."""
         async with self.db.session() as session:
             return await votes.vote_of(session, user_id, image_id)
 
+    @uninterrupted
     async def unvote(self, image_id: int, user_id: str) -> tuple[int, int]:
         """Remove a user's vote and return the image's (up, down)."""
         async with self.db.session() as session:
             await votes.remove_vote(session, user_id, image_id)
             return await votes.tally(session, image_id)
 
+    @uninterrupted
     async def favourite(self, image_id: int, user_id: str, favourite: bool = True) -> list[int]:
         """Add or remove a favourite; returns the user's collection."""
         async with self.db.session() as session:
             await votes.set_favourite(session, user_id, image_id, favourite)
             return await votes.favourites(session, user_id)
 
+    @uninterrupted
     async def favourites(self, user_id: str) -> list[int]:
         """A user's private collection (image ids)."""
         async with self.db.session() as session:
             return await votes.favourites(session, user_id)
 
+    @uninterrupted
     async def user_defaults(self, user_id: str) -> dict[str, Any]:
         """A user's default parameters (/settings)."""
         async with self.db.session() as session:
             return dict((await queue.ensure_user(session, user_id)).defaults)
 
+    @uninterrupted
     async def set_user_defaults(self, user_id: str, defaults: dict[str, Any]) -> dict[str, Any]:
         """Per-user default parameters (/settings), e.g. {"ar": "16:9", "stylize": 250}; checked like a prompt."""
         allowed = {"ar", "chaos", "stylize", "cfg", "steps", "q", "n", "sampler", "model", "niji", "tile", "no"}
@@ -405,6 +425,7 @@ class Studio:
 
     # -- reading ----------------------------------------------------------------------------------
 
+    @uninterrupted
     async def job(self, job_id: int) -> JobView:
         """A job with its queue position, ETA and images."""
         async with self.db.session() as session:
@@ -413,6 +434,7 @@ class Studio:
                 raise NotFound(f"There is no job {job_id}.")
             return await self._view(session, job)
 
+    @uninterrupted
     async def jobs(self, user_id: str | None = None, status: str | None = None, limit: int = 20) -> list[JobView]:
         """Newest jobs first, optionally of one user or status."""
         statement = select(Job).order_by(Job.id.desc()).limit(max(1, min(limit, 500)))
@@ -423,6 +445,7 @@ class Studio:
         async with self.db.session() as session:
             return [await self._view(session, job, with_position=False) for job in (await session.scalars(statement)).all()]
 
+    @uninterrupted
     async def lineage(self, image_id: int) -> dict[str, Any]:
         """An image's ancestors (the grids it came from) and descendants (its upscales and variations)."""
         async with self.db.session() as session:
@@ -448,6 +471,7 @@ class Studio:
             return ()
         return tuple(sorted(name for name, spec in self.registry.models.items() if "nsfw" in spec.tags))
 
+    @uninterrupted
     async def gallery(self, query: GalleryQuery) -> tuple[list[GalleryItem], bool]:
         """A page of the community gallery (and whether more follow)."""
         query = dataclasses.replace(query, hidden_models=self.hidden_models())
@@ -460,6 +484,7 @@ class Studio:
         return await self.gallery(GalleryQuery(period=period, page=page, per_page=1, model=model,
                                                guild_id=guild_id).check())
 
+    @uninterrupted
     async def gallery_file(self, image_id: int, max_bytes: int) -> tuple[str, bytes]:
         """One stored image as a file for chat, re-encoded to fit `max_bytes`."""
         async with self.db.session() as session:
@@ -468,6 +493,7 @@ class Studio:
             raise NotFound(f"There is no image {image_id}.")
         return await asyncio.to_thread(_encode_to_fit, [self.store.root / image.path], image.job_id, max_bytes)
 
+    @uninterrupted
     async def starboard_image(self, image_id: int) -> dict[str, Any]:
         """What a starboard repost shows: prompt, author and votes."""
         async with self.db.session() as session:
@@ -477,6 +503,7 @@ class Studio:
                 raise NotFound(f"There is no image {image_id}.")
             return {"prompt": job.prompt, "user_id": job.user_id, "up": image.up_votes, "down": image.down_votes}
 
+    @uninterrupted
     async def public_job(self, job_id: int) -> JobView:
         """A job as the public web may see it: not from a banned member, a hidden model or a private guild."""
         async with self.db.session() as session:
@@ -492,6 +519,7 @@ class Studio:
         owner = await session.get(queue.User, job.user_id)
         return not owner.banned and (job.guild_id is None or job.guild_id in await public_guilds(session))
 
+    @uninterrupted
     async def image_detail(self, image_id: int) -> dict[str, Any]:
         """Everything an image page shows; images the gallery hides are not found."""
         async with self.db.session() as session:
@@ -522,6 +550,7 @@ class Studio:
             raise InvalidRequest(f"Job {job_id} has no images yet.")
         return await asyncio.to_thread(_encode_to_fit, [image.path for image in view.images], job_id, max_bytes)
 
+    @uninterrupted
     async def export(self, folder: Path, fmt: str, filters: ExportFilter) -> ExportReport:
         """Export the best images as a fine-tuning dataset."""
         async with self.db.session() as session:

@@ -21,6 +21,7 @@ from engine.images import open_image
 from engine.params import LoraChoice, parse_prompt
 from engine.service import Engine
 from storage import queue
+from storage.database import uninterrupted
 from storage.models import Image, Job
 from studio.outputs import image_pngs
 from studio.service import ProgressEvent, Studio
@@ -52,14 +53,14 @@ class Worker:
 
     async def run_one(self) -> bool:
         """Run the next job; False when the queue was empty."""
-        async with self.studio.db.session() as session:
-            job = await queue.claim(session, self.worker_id, self.lease_seconds, lock=not self.studio.db.is_sqlite)
+        job = await self._claim()
         if job is None:
             return False
         self.current_job = job.id
         cancel = threading.Event()
-        heartbeat = asyncio.create_task(self._heartbeat(job.id, cancel))
-        watcher = asyncio.create_task(self._watch_cancel(job.id, cancel))
+        finished = asyncio.Event()  # stops the heartbeat and the watcher between two queries, never inside one
+        heartbeat = asyncio.create_task(self._heartbeat(job.id, cancel, finished))
+        watcher = asyncio.create_task(self._watch_cancel(job.id, cancel, finished))
         self.studio.running_jobs[job.id] = cancel  # a cancel in this process stops the job at once
         self.studio.publish(ProgressEvent(job.id, "started"))
         waited = (job.started_at - job.created_at).total_seconds() if job.started_at and job.created_at else 0.0
@@ -69,8 +70,7 @@ class Worker:
         try:
             result = await self._generate(job, cancel)
             images = await asyncio.to_thread(self._store_images, job, result)
-            async with self.studio.db.session() as session:
-                completed = await queue.complete(session, job.id, self.worker_id, images, result.settings.to_dict())
+            completed = await self._complete(job.id, images, result.settings.to_dict())
             if completed:
                 self.studio.publish(ProgressEvent(job.id, "done"))
                 timings = ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in result.timings.items())
@@ -90,12 +90,27 @@ class Worker:
             log.exception("job %s failed", job.id)
             await self._end(job.id, "Internal error while generating; it will be retried.", retry=True)
         finally:
-            heartbeat.cancel()
-            watcher.cancel()
+            # Cancelling a task in the middle of a database call can leave its connection holding SQLite's lock;
+            # these two stop at their next wait instead (one query at most).
+            finished.set()
+            await asyncio.gather(heartbeat, watcher, return_exceptions=True)
             self.studio.running_jobs.pop(job.id, None)
             self.current_job = None
         return True
 
+    # Database work runs @uninterrupted: a shutdown that cancels the worker never cuts a session in half.
+
+    @uninterrupted
+    async def _claim(self) -> Job | None:
+        async with self.studio.db.session() as session:
+            return await queue.claim(session, self.worker_id, self.lease_seconds, lock=not self.studio.db.is_sqlite)
+
+    @uninterrupted
+    async def _complete(self, job_id: int, images: list[queue.NewImage], settings: dict) -> bool:
+        async with self.studio.db.session() as session:
+            return await queue.complete(session, job_id, self.worker_id, images, settings)
+
+    @uninterrupted
     async def _end(self, job_id: int, message: str, *, retry: bool, cancelled: bool = False) -> None:
         async with self.studio.db.session() as session:
             status = await queue.fail(session, job_id, self.worker_id, message, retry=retry, cancelled=cancelled)
@@ -103,24 +118,31 @@ class Worker:
             self.studio.publish(ProgressEvent(job_id, status, message=message))
         log.info("job %s %s: %s", job_id, {"queued": "queued again", None: "ended elsewhere"}.get(status, status), message)
 
-    async def _watch_cancel(self, job_id: int, cancel: threading.Event) -> None:
+    async def _watch_cancel(self, job_id: int, cancel: threading.Event, finished: asyncio.Event) -> None:
         """Poll the job's cancel flag, so a cancel from any process (the CLI, the web, Discord, another `serve`)
         stops the job at its next step, not only at the next lease renewal."""
-        while not cancel.is_set():
-            await asyncio.sleep(CANCEL_POLL_S)
-            async with self.studio.db.session() as session:
-                if await session.scalar(select(Job.cancel_requested).where(Job.id == job_id)):
-                    cancel.set()
-
-    async def _heartbeat(self, job_id: int, cancel: threading.Event) -> None:
-        """Renew the lease while the job runs; a cancel request or a lost lease stops the job."""
-        while True:
-            await asyncio.sleep(self.lease_seconds / 3)
-            async with self.studio.db.session() as session:
-                alive = await queue.renew_lease(session, job_id, self.worker_id, self.lease_seconds)
-                job = await session.get(Job, job_id, populate_existing=True)
-            if not alive or job.cancel_requested:
+        while not cancel.is_set() and not await _wait(finished, CANCEL_POLL_S):
+            if await self._cancel_requested(job_id):
                 cancel.set()
+
+    @uninterrupted
+    async def _cancel_requested(self, job_id: int) -> bool:
+        async with self.studio.db.reading() as connection:
+            return bool(await connection.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    async def _heartbeat(self, job_id: int, cancel: threading.Event, finished: asyncio.Event) -> None:
+        """Renew the lease while the job runs; a cancel request or a lost lease stops the job."""
+        while not await _wait(finished, self.lease_seconds / 3):
+            if not await self._renew(job_id):
+                cancel.set()
+
+    @uninterrupted
+    async def _renew(self, job_id: int) -> bool:
+        """Extend the lease; False when it was lost or a cancel was asked for."""
+        async with self.studio.db.session() as session:
+            alive = await queue.renew_lease(session, job_id, self.worker_id, self.lease_seconds)
+            job = await session.get(Job, job_id, populate_existing=True)
+            return alive and not job.cancel_requested
 
     async def _generate(self, job: Job, cancel: threading.Event) -> GenerationResult:
         loop = asyncio.get_running_loop()
@@ -157,6 +179,7 @@ class Worker:
                                                 on_step, cancel)
         return await self.engine.upscale_async(UpscaleRequest(source, prompt, mode, route=False), on_step, cancel)
 
+    @uninterrupted
     async def _source_image(self, image_id: int | None):
         async with self.studio.db.session() as session:
             image = await session.get(Image, image_id) if image_id is not None else None
@@ -173,6 +196,15 @@ class Worker:
             stored.append(queue.NewImage(index, seed, image.width, image.height, file.sha256, file.path,
                                          parent_image_id=job.parent_image_id))
         return stored
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` was set within `seconds`."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 def _lock_data_dir(data_dir: Path):

@@ -380,3 +380,36 @@ def test_nothing_is_queued_that_would_be_dropped_silently(tmp_path):
         await studio.close()
 
     run(scenario())
+
+
+def test_cancelling_a_caller_mid_query_never_hangs_nor_holds_the_lock(tmp_path):
+    """A front door's task cancelled in the middle of a studio call (a bot closing, a shutdown) stops at once, and the
+    database stays writable. A task cancelled inside a SQLAlchemy session on aiosqlite used to hang for ever (SQLAlchemy
+    2.1 closes the connection under asyncio.shield, and aiosqlite's close never completes there), and with it
+    asyncio.run's clean-up: the bot suite's hang."""
+    import random
+    import sqlite3
+
+    async def scenario():
+        path = tmp_path / "db.sqlite"
+        studio = await open_studio(f"sqlite+aiosqlite:///{path}", tmp_path)
+        job = await studio.submit_imagine("alice", "a red circle")
+        rng = random.Random(5)
+        for _ in range(60):
+            async def poll():
+                while True:
+                    await studio.job(job.id)
+            task = asyncio.create_task(poll())
+            await asyncio.sleep(rng.uniform(0.001, 0.02))
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=5)
+            assert done, "a cancelled caller did not stop"
+        await asyncio.sleep(0.2)  # the last unit of work finishes on its own
+        other = sqlite3.connect(path, timeout=5)  # another process writes: no lock was left behind
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        other.close()
+        assert (await studio.job(job.id)).status == "queued"
+        await studio.close()
+
+    run(scenario())

@@ -71,6 +71,7 @@ def test_upscale_doubles_and_keeps_the_seed(imagined, data_dir):
 
 def test_models_lists_the_starter(data_dir):
     listing = json.loads(run("models", "--json", data_dir=data_dir).stdout)
+    assert listing["registry"].endswith("tests/registry.toml")  # the tests' own, never the user's models.toml
     assert listing["default"] == "starter-shapes"
     assert listing["models"][0]["installed"] is True
 
@@ -167,3 +168,12 @@ def test_export_counts_in_words():
     one = _human("export", {"images": 1, "pairs": 1, "format": "pairs", "folder": "out"})
     assert one == "exported 1 image, 1 pair (pairs) to out"
     assert _human("export", {"images": 3, "pairs": 0, "format": "kohya", "folder": "out"}) == "exported 3 images (kohya) to out"
+
+
+def test_the_screenshot_script_only_prints_help_with_help():
+    picture = Path(__file__).resolve().parent.parent / "docs" / "gallery.png"
+    before = picture.stat().st_mtime_ns
+    result = subprocess.run([sys.executable, str(picture.parent / "screenshot.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--out" in result.stdout
+    assert picture.stat().st_mtime_ns == before

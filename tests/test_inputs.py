@@ -157,3 +157,11 @@ def test_settings_from_environment_and_toml(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMLOOM_CONFIG", str(tmp_path / "missing.toml"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings()
+
+
+def test_image_messages_name_every_accepted_format():
+    from engine.images import open_image
+
+    with pytest.raises(InvalidImage) as error:
+        open_image(b"not an image at all")
+    assert "PNG, JPEG, WebP, GIF or BMP" in str(error.value)

@@ -170,3 +170,20 @@ def test_the_studio_stores_the_route_and_the_worker_applies_it(tmp_path):
         await studio.close()
 
     run(scenario())
+
+
+def test_the_trainer_says_when_a_dataset_is_too_small(tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    from studio.cli import main
+
+    dataset = tmp_path / "one"
+    dataset.mkdir()
+    PILImage.new("RGB", (64, 64), (10, 20, 200)).save(dataset / "a.png")
+    (dataset / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a blue square"}) + "\n")
+    out = tmp_path / "one.safetensors"
+    assert main(["train-lora", str(dataset), "--base", "starter-shapes", "--trigger", "solo", "--out", str(out),
+                 "--steps", "1", "--batch", "1", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "holds 1 image(s)" in err and "copies them" in err
+    assert out.is_file()

@@ -146,16 +146,17 @@ class Worker:
 
     async def _generate(self, job: Job, cancel: threading.Event) -> GenerationResult:
         loop = asyncio.get_running_loop()
-        last_preview = [0.0]
+        last_preview = [0.0, PREVIEW_INTERVAL_S]  # when, and the interval to the next one
 
         def on_step(progress) -> None:
             if self.interrupt.is_set():
                 cancel.set()
             preview_png = None
             now = time.monotonic()
-            if now - last_preview[0] >= PREVIEW_INTERVAL_S or progress.step == progress.total:
-                last_preview[0] = now
+            if now - last_preview[0] >= last_preview[1] or progress.step == progress.total:
                 image = progress.preview()
+                # A preview decoded by a VAE costs time on a CPU: keep previews under 5% of the job.
+                last_preview[:] = [time.monotonic(), max(PREVIEW_INTERVAL_S, 20 * (time.monotonic() - now))]
                 if image is not None:
                     buffer = io.BytesIO()
                     image.save(buffer, format="PNG")

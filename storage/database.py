@@ -32,9 +32,25 @@ def uninterrupted(method):
     """
     @functools.wraps(method)
     async def run_to_the_end(*args, **kwargs):
-        return await asyncio.shield(asyncio.ensure_future(method(*args, **kwargs)))
+        task = asyncio.get_running_loop().create_task(method(*args, **kwargs),
+                                                      name=f"uninterrupted {method.__qualname__}")
+        _IN_FLIGHT.add(task)
+        task.add_done_callback(_IN_FLIGHT.discard)
+        return await asyncio.shield(task)
 
     return run_to_the_end
+
+
+_IN_FLIGHT: set[asyncio.Task] = set()  # units of work whose callers may have stopped waiting
+
+
+async def settle(timeout: float = 10) -> None:
+    """Wait for this event loop's units of work still running after their callers were cancelled (before a close,
+    so no clean-up has to cancel one in the middle of a session)."""
+    loop = asyncio.get_running_loop()
+    pending = [task for task in _IN_FLIGHT if task.get_loop() is loop and not task.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -128,7 +144,8 @@ class Database:
         return self.url
 
     async def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (after the units of work still running have finished)."""
+        await settle()
         await self.engine.dispose()
 
 

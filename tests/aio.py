@@ -57,6 +57,10 @@ def run(coro, timeout: float = SCENARIO_TIMEOUT_S) -> Any:
         elif main.exception() is None:
             result = main.result()
     finally:
+        # Database units of work finish on their own (cancelling one mid-session is what hangs); then the rest.
+        units = [task for task in asyncio.all_tasks(loop) if task.get_name().startswith("uninterrupted ")]
+        if units:
+            loop.run_until_complete(asyncio.wait(units, timeout=CLEANUP_TIMEOUT_S))
         leftover = [task for task in asyncio.all_tasks(loop) if not task.done()]
         for task in leftover:
             task.cancel()

@@ -32,7 +32,10 @@ class DreamloomBot(discord.Client):
     def __init__(self, studio, settings, *, interaction_lifetime_s: float = INTERACTION_LIFETIME_S,
                  poll_interval_s: float = 10.0) -> None:
         # No privileged intents: slash commands and raw reaction events need none of them.
-        super().__init__(intents=discord.Intents(guilds=True, guild_reactions=True))
+        # Nothing the bot posts pings anyone: prompts are echoed into messages, and `/imagine @everyone ...` must not
+        # reach the whole server (mentions still render as names).
+        super().__init__(intents=discord.Intents(guilds=True, guild_reactions=True),
+                         allowed_mentions=discord.AllowedMentions.none())
         self.studio = studio
         self.settings = settings
         self.interaction_lifetime_s = interaction_lifetime_s

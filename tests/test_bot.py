@@ -298,3 +298,18 @@ def test_member_commands(engine, tmp_path):
             assert "#2" in double.messages[gallery_message["id"]]["content"]
 
     run(scenario())
+
+
+def test_a_prompt_never_pings_anyone(engine, tmp_path):
+    async def scenario():
+        async with BotWorld(engine, tmp_path) as world:
+            double = world.double
+            _, message, _ = await world.imagine(world.alice, f"@everyone <@&1> <@3002> a red circle {QUICK}")
+            assert "@everyone" in message["content"]  # the prompt is shown as written...
+            sent = [r for r in double.requests if r.method in ("POST", "PATCH") and isinstance(r.json, dict)
+                    and "@everyone" in (r.json.get("content") or "")]
+            assert sent
+            for request in sent:  # ...and every message that carries it allows no mention at all
+                assert request.json.get("allowed_mentions") == {"parse": []}, request.json
+
+    run(scenario())

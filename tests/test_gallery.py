@@ -215,6 +215,27 @@ def test_infinite_scroll_adds_cards_like_the_servers(site, browser):
     page.close()
 
 
+def test_security_headers_and_malformed_input_never_500(site):
+    for path in ("/", "/image/1", "/files/1.png", "/api/gallery", "/nope", "/favicon.svg"):
+        _, _, headers = _get(site.base + path)
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+    for path in ("/?page=%C2%B2", "/api/gallery?per_page=%D9%A1", "/?page=%EF%BC%91"):  # ², ١ and a full-width 1
+        assert _get(site.base + path)[0] == 400, path
+    image_id = site.grid["images"][3]["id"]
+    before = json.loads(_get(f"{site.base}/api/images/{image_id}")[1])["up"]
+    for body in (b'{"value": 1e999}', b'{"value": 1.9}', b'{"value": true}', b'{"value": "-1"}', b'[1]', b"nonsense",
+                 b'{"value": 2}'):
+        request = urllib.request.Request(f"{site.base}/api/images/{image_id}/vote", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            status = urllib.request.urlopen(request, timeout=30).status
+        except urllib.error.HTTPError as error:
+            status = error.code
+        assert status == 400, body
+    assert json.loads(_get(f"{site.base}/api/images/{image_id}")[1])["up"] == before
+
+
 def test_unknown_pages_are_404_and_the_favicon_is_served(site):
     assert _get(site.base + "/model/nope")[0] == 404
     assert _get(site.base + "/lora/nope")[0] == 404

@@ -90,17 +90,26 @@ async def enqueue(session: AsyncSession, new: NewJob, *, max_queued_per_user: in
     session.add(job)
     await session.execute(update(User).where(User.id == new.user_id).values(queued_count=User.queued_count + 1))
     await session.flush()
-    names = {entry["name"] for entry in new.loras if isinstance(entry, dict) and entry.get("name")}
-    session.add_all(JobLora(job_id=job.id, name=name) for name in sorted(names))
+    _add_job_loras(session, job.id, new.loras)
     return job
 
 
-async def record_finished(session: AsyncSession, new: NewJob, images: list[NewImage], settings: dict[str, Any],
-                          started_at: datetime, now: datetime | None = None) -> Job:
-    """Keep a generation that ran outside the queue (the owner's command line) as a finished job with its images.
+def _add_job_loras(session: AsyncSession, job_id: int, loras: list[Any]) -> None:
+    """One `job_loras` row per LoRA name of a job (what the per-LoRA gallery pages look up)."""
+    names = {entry["name"] for entry in loras if isinstance(entry, dict) and entry.get("name")}
+    session.add_all(JobLora(job_id=job_id, name=name) for name in sorted(names))
 
-    The image files must already be in the store; the job never waits in the queue, so no limit applies.
-    """
+
+def add_images(session: AsyncSession, job_id: int, images: list[NewImage], now: datetime) -> None:
+    """The rows of a job's images, whose files are already in the store."""
+    session.add_all(Image(job_id=job_id, index_in_job=i.index_in_job, parent_image_id=i.parent_image_id, seed=i.seed,
+                          width=i.width, height=i.height, sha256=i.sha256, path=i.path, created_at=now) for i in images)
+
+
+async def record_finished(session: AsyncSession, new: NewJob, settings: dict[str, Any], started_at: datetime,
+                          now: datetime | None = None) -> Job:
+    """Keep a generation that ran outside the queue (the owner's command line) as a finished job; its images are
+    added with `add_images` once their files, which name the job, are stored. No queue limit applies."""
     now = now or utcnow()
     await ensure_user(session, new.user_id)
     seeds = settings.get("seeds") or [new.seed]
@@ -113,10 +122,7 @@ async def record_finished(session: AsyncSession, new: NewJob, images: list[NewIm
     )
     session.add(job)
     await session.flush()
-    names = {entry["name"] for entry in new.loras if isinstance(entry, dict) and entry.get("name")}
-    session.add_all(JobLora(job_id=job.id, name=name) for name in sorted(names))
-    session.add_all(Image(job_id=job.id, index_in_job=i.index_in_job, parent_image_id=i.parent_image_id, seed=i.seed,
-                          width=i.width, height=i.height, sha256=i.sha256, path=i.path, created_at=now) for i in images)
+    _add_job_loras(session, job.id, new.loras)
     return job
 
 
@@ -186,8 +192,7 @@ async def complete(session: AsyncSession, job_id: int, worker: str, images: list
                 lease_owner=None, lease_expires_at=None, error=None))
     if result.rowcount != 1:
         return False
-    session.add_all(Image(job_id=job_id, index_in_job=i.index_in_job, parent_image_id=i.parent_image_id, seed=i.seed,
-                          width=i.width, height=i.height, sha256=i.sha256, path=i.path, created_at=now) for i in images)
+    add_images(session, job_id, images, now)
     return True
 
 

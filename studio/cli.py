@@ -73,11 +73,7 @@ def _publish(args, settings, kind: str, raw_prompt: str, result, started_at, sou
     import getpass
     import hashlib
 
-    from dreamloom.errors import InvalidRequest
-
-    user = args.user or getpass.getuser()
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,60}", user):
-        raise InvalidRequest(f"--user takes letters, digits, '.', '_' and '-' (up to 60); got {user[:60]!r}.")
+    user = args.user or re.sub(r"[^A-Za-z0-9._-]", "-", getpass.getuser())[:60] or "owner"
 
     async def work(studio):
         sha = hashlib.sha256(source.read_bytes()).hexdigest() if source is not None else None
@@ -85,6 +81,13 @@ def _publish(args, settings, kind: str, raw_prompt: str, result, started_at, sou
                                            started_at=started_at, source_sha256=sha, mode=mode)
 
     return asyncio.run(_with_studio(settings, work))
+
+
+def _member_name(text: str) -> str:
+    """A `--user` for --publish (the member `cli:NAME`), checked as the arguments are read: before any generation."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,60}", text):
+        raise argparse.ArgumentTypeError(f"--user takes letters, digits, '.', '_' and '-' (up to 60); got {text[:60]!r}.")
+    return text
 
 
 def _finish(args, settings, kind: str, raw_prompt: str, result, started_at, source: Path | None = None,
@@ -412,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--out", help="output folder (default DATA_DIR/outputs)")
     imagine.add_argument("--quiet", action="store_true", help="no step progress on stderr")
     imagine.add_argument("--publish", action="store_true", help="also keep the result in the studio: it joins the gallery")
-    imagine.add_argument("--user", help="with --publish: the member name it is published as (default: your login)")
+    imagine.add_argument("--user", type=_member_name,
+                         help="with --publish: the member name it is published as (default: your login)")
     for name, text in (("vary", "Make variations of an image (4 by default)."),
                        ("upscale", "Make a 2x upscale of an image with a detail pass.")):
         sub = add(name, text)
@@ -423,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", help="output folder (default DATA_DIR/outputs)")
         sub.add_argument("--quiet", action="store_true", help="no step progress on stderr")
         sub.add_argument("--publish", action="store_true", help="also keep the result in the studio: it joins the gallery")
-        sub.add_argument("--user", help="with --publish: the member name it is published as (default: your login)")
+        sub.add_argument("--user", type=_member_name,
+                         help="with --publish: the member name it is published as (default: your login)")
         if name == "vary":
             sub.add_argument("--strong", action="store_true", help="strong variations (default subtle)")
             sub.add_argument("--n", type=int, default=4, choices=range(1, 5), help="number of variations (1-4)")

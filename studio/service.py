@@ -29,6 +29,7 @@ from storage.files import ImageStore
 from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
 from storage.models import Guild, Image, Job
 from studio.guilds import GuildSettings
+from studio.outputs import image_pngs
 from studio.settings import Settings
 
 TERMINAL = ("done", "failed", "cancelled")
@@ -214,8 +215,6 @@ class Studio:
                              source_sha256: str | None = None, mode: str | None = None) -> JobView:
         """Keep a result the owner made at the command line (`dreamloom imagine --publish`) as a finished job, so
         it joins the gallery like a queued one. A source image already in the store becomes the parent (lineage)."""
-        from studio.outputs import image_pngs
-
         settings = result.settings.to_dict()
         parameters = parse_prompt(raw_prompt, allow_empty=True).to_dict() | ({"mode": mode} if mode else {})
         async with self.db.session() as session:
@@ -227,18 +226,25 @@ class Studio:
                                negative_prompt=result.settings.negative_prompt, parameters=parameters,
                                model=result.settings.model, loras=loras, parent_image_id=parent,
                                route_reason="made at the command line")
-            job = await queue.record_finished(session, new, [], settings, started_at)
-            pngs = image_pngs(result, raw_prompt, job_id=job.id)
-            files = await asyncio.to_thread(lambda: [self.store.put(data) for data in pngs])
-            session.add_all(Image(job_id=job.id, index_in_job=index, parent_image_id=parent, seed=seed,
-                                  width=image.width, height=image.height, sha256=file.sha256, path=file.path,
-                                  created_at=job.finished_at)
-                            for index, (image, seed, file) in enumerate(zip(result.images, result.seeds, files), start=1))
+            job = await queue.record_finished(session, new, settings, started_at)
+            images = await asyncio.to_thread(self.store_result, job.id, raw_prompt, result, parent)
+            queue.add_images(session, job.id, images, job.finished_at)
             await session.flush()
             view = await self._view(session, job)
         log.info("job %s published from the command line by %s (%s, %d image(s))", view.id, user_id, kind,
                  len(view.images))
         return view
+
+    def store_result(self, job_id: int, raw_prompt: str, result, parent_image_id: int | None) -> list[queue.NewImage]:
+        """Write a job's images to the store (fsynced, each PNG naming its job and parameters) before the transaction
+        that refers to them commits; returns what the rows need. Blocking: call it in a thread."""
+        stored = []
+        pngs = image_pngs(result, raw_prompt, job_id=job_id)
+        for index, (image, seed, data) in enumerate(zip(result.images, result.seeds, pngs), start=1):
+            file = self.store.put(data)
+            stored.append(queue.NewImage(index, seed, image.width, image.height, file.sha256, file.path,
+                                         parent_image_id=parent_image_id))
+        return stored
 
     def _store_image_prompt(self, data: bytes) -> str:
         """Check an uploaded image (size, format, decompression bombs) and store it as PNG; returns its path."""

@@ -23,7 +23,6 @@ from engine.service import Engine
 from storage import queue
 from storage.database import uninterrupted
 from storage.models import Image, Job
-from studio.outputs import image_pngs
 from studio.service import ProgressEvent, Studio
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,8 @@ class Worker:
         started = time.monotonic()
         try:
             result = await self._generate(job, cancel)
-            images = await asyncio.to_thread(self._store_images, job, result)
+            images = await asyncio.to_thread(self.studio.store_result, job.id, job.raw_prompt, result,
+                                             job.parent_image_id)
             completed = await self._complete(job.id, images, result.settings.to_dict())
             if completed:
                 self.studio.publish(ProgressEvent(job.id, "done"))
@@ -187,16 +187,6 @@ class Worker:
         if image is None:
             raise DreamloomError("The source image of this job no longer exists.")
         return open_image(self.studio.store.read(image.path))
-
-    def _store_images(self, job: Job, result: GenerationResult) -> list[queue.NewImage]:
-        """Write every image (fsynced) before the completing transaction refers to it."""
-        stored = []
-        pngs = image_pngs(result, job.raw_prompt, job_id=job.id)
-        for index, (image, seed, data) in enumerate(zip(result.images, result.seeds, pngs), start=1):
-            file = self.studio.store.put(data)
-            stored.append(queue.NewImage(index, seed, image.width, image.height, file.sha256, file.path,
-                                         parent_image_id=job.parent_image_id))
-        return stored
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:

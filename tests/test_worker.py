@@ -60,15 +60,21 @@ def test_worker_runs_imagine_vary_upscale_reroll_with_progress(engine, tmp_path)
     run(scenario())
 
 
+async def _a_running_job(studio, engine, prompt: str):
+    """Queue `prompt` for alice and run it on a worker until its first step: (job, its events, the worker's task)."""
+    worker = Worker(studio, engine, "test:1:1")
+    job = await studio.submit_imagine("alice", prompt)
+    events = studio.subscribe(job.id)
+    running = asyncio.create_task(worker.run_one())
+    while (await events.get()).kind != "step":
+        pass
+    return job, events, running
+
+
 def test_cancelling_a_running_job_stops_it(engine, tmp_path):
     async def scenario():
         studio = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, lease_seconds=3))
-        worker = Worker(studio, engine, "test:1:1")
-        job = await studio.submit_imagine("alice", "a red circle --steps 150 --seed 1")
-        events = studio.subscribe(job.id)
-        running = asyncio.create_task(worker.run_one())
-        while (await events.get()).kind != "step":
-            pass
+        job, _, running = await _a_running_job(studio, engine, "a red circle --steps 150 --seed 1")
         await studio.cancel(job.id, "alice")
         await asyncio.wait_for(running, 60)
         view = await studio.job(job.id)
@@ -82,15 +88,8 @@ def test_a_cancel_from_another_process_stops_the_running_job_at_its_next_step(en
     async def scenario():
         # A long lease: its renewals (every 20 s) are not what stops the job.
         studio = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, lease_seconds=60))
-        worker = Worker(studio, engine, "test:1:1")
-        job = await studio.submit_imagine("alice", "a red circle --steps 150 --q 2 --seed 1")
-        events = studio.subscribe(job.id)
-        running = asyncio.create_task(worker.run_one())
-        steps = []
-        while not steps:
-            event = await events.get()
-            if event.kind == "step":
-                steps.append(event.step)
+        job, events, running = await _a_running_job(studio, engine, "a red circle --steps 150 --q 2 --seed 1")
+        steps = [1]
         # `dreamloom cancel` in a process of its own: only the database connects it with this worker.
         env = {**os.environ, "DREAMLOOM_DATA_DIR": str(tmp_path)}
         cli = await asyncio.create_subprocess_exec(str(DREAMLOOM), "cancel", str(job.id), "--user", "alice", env=env,

@@ -42,10 +42,13 @@ class AdminCommands(app_commands.Group):
         await interaction.response.send_message(
             f"Registry reloaded: {len(catalog['models'])} model(s), {len(catalog['loras'])} LoRA(s).", ephemeral=True)
 
-    @app_commands.command(name="ban", description="Stop a member from generating (their images leave the gallery)")
-    async def ban(self, interaction: discord.Interaction, member: discord.User) -> None:
-        await self.bot.studio.set_banned(user_key(member), True)
-        await interaction.response.send_message(f"{member.mention} is banned from generating.", ephemeral=True)
+    @app_commands.command(name="ban", description="Stop a member from generating and voting (their images leave the gallery)")
+    @app_commands.describe(purge_votes="Also remove every vote they cast (the counts are recomputed)")
+    async def ban(self, interaction: discord.Interaction, member: discord.User, purge_votes: bool = False) -> None:
+        removed = await self.bot.studio.set_banned(user_key(member), True, purge_votes=purge_votes)
+        votes = f" {removed} vote(s) removed." if purge_votes else ""
+        await interaction.response.send_message(f"{member.mention} is banned from generating and voting.{votes}",
+                                                ephemeral=True)
 
     @app_commands.command(name="unban", description="Let a banned member generate again")
     async def unban(self, interaction: discord.Interaction, member: discord.User) -> None:

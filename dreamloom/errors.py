@@ -53,7 +53,14 @@ class NotFound(DreamloomError):
 
 
 class LimitReached(DreamloomError):
-    """A per-user limit (queued jobs, daily quota) is reached; the message says which and what to do."""
+    """A per-user limit (queued jobs, daily quota, a rate) is reached; the message says which and what to do.
+
+    `retry_after` (seconds), when known, is when trying again can succeed (HTTP's Retry-After).
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NotAllowed(DreamloomError):

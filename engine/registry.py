@@ -85,18 +85,34 @@ class Registry:
             return self.models[name]
         raise UnknownModel(f"Unknown model {name!r}. Registered models: {', '.join(sorted(self.models)) or 'none'}.")
 
-    def resolve(self, name_or_path: str | None) -> ModelSpec:
-        """A registered name, a path to a checkpoint, or the default model when `None`."""
+    def resolve(self, name_or_path: str | None, *, allow_paths: bool = True) -> ModelSpec:
+        """A registered name, a path to a checkpoint (`allow_paths`, the owner's CLI), or the default when `None`.
+
+        With `allow_paths=False` (prompts from Discord and the web) only registered names are taken, and the
+        message for anything else is the same whatever exists on disk, so it tells nothing about the filesystem.
+        """
         if not name_or_path:
             return self.get(self.default)
         if name_or_path in self.models:
             return self.models[name_or_path]
-        path = Path(name_or_path).expanduser()
-        if path.exists():
+        looks_like_path = (any(sep in name_or_path for sep in ("/", "\\", "~")) or name_or_path.startswith(".")
+                           or name_or_path.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")))
+        if not allow_paths and not looks_like_path:
+            return self.get(name_or_path)
+        if not allow_paths:
+            raise UnknownModel("--model takes the name of a registered model "
+                               f"({', '.join(sorted(self.models)) or 'none'}); models from files are added by the "
+                               "server's owner.")
+        try:
+            path = Path(name_or_path).expanduser()
+            exists = path.exists()
+        except (OSError, RuntimeError, ValueError):  # a name too long, `~nosuchuser`, a NUL byte
+            exists = False
+        if exists:
             from engine.models import detect_family  # local import: models imports torch-free helpers only
 
             return ModelSpec(name=path.stem if path.is_file() else path.name, path=path, family=detect_family(path))
-        if any(sep in name_or_path for sep in ("/", "\\")) or name_or_path.endswith((".safetensors", ".ckpt")):
+        if looks_like_path:
             raise UnknownModel(f"No checkpoint at {name_or_path!r}: the file or folder does not exist.")
         return self.get(name_or_path)
 

@@ -127,10 +127,11 @@ def _match(text: str, entry: ModelSpec | LoraSpec) -> tuple[int, str] | None:
 
 
 def route(registry: Registry, prompt: PromptRequest, embedder: Embedder | None = None, *,
-          auto: bool = True) -> RouteDecision:
+          auto: bool = True, allow_paths: bool = True) -> RouteDecision:
     """Choose the model and LoRAs for a prompt; the decision carries its reasons.
 
-    With `auto=False` only what the prompt names explicitly counts (a job routed before, run again).
+    With `auto=False` only what the prompt names explicitly counts (a job routed before, run again). With
+    `allow_paths=False` (prompts from members) `--model` takes registered names only.
     """
     embedder = embedder or _default_embedder
     threshold = float(registry.routing.get("similarity_threshold", SIMILARITY_THRESHOLD))
@@ -150,7 +151,7 @@ def route(registry: Registry, prompt: PromptRequest, embedder: Embedder | None =
     # 1. The model, when the prompt names it or says something only one model is for.
     spec: ModelSpec | None = None
     if prompt.model:
-        spec = registry.resolve(prompt.model)
+        spec = registry.resolve(prompt.model, allow_paths=allow_paths)
         reasons.append(f"model {spec.name}: asked for with --model")
     elif prompt.niji:
         niji = [m for m in registry.models.values() if "niji" in m.tags]

@@ -57,11 +57,11 @@ def check_target(folder: Path) -> Path:
 
 
 async def scored_images(session: AsyncSession, filters: ExportFilter) -> list[dict]:
-    """Images of finished jobs with their votes, best first (the community ranking), one per distinct file."""
+    """Images of finished jobs with their verified votes, best first (the community ranking), one per distinct file."""
     up = func.coalesce(func.sum(case((Vote.value > 0, 1), else_=0)), 0)
     down = func.coalesce(func.sum(case((Vote.value < 0, 1), else_=0)), 0)
     statement = (select(Image, Job, up.label("up"), down.label("down"))
-                 .join(Job, Image.job_id == Job.id).outerjoin(Vote, Vote.image_id == Image.id)
+                 .join(Job, Image.job_id == Job.id).outerjoin(Vote, (Vote.image_id == Image.id) & Vote.verified.is_(True))
                  .where(Job.status == "done").group_by(Image.id, Job.id))
     if filters.model:
         statement = statement.where(Job.model == filters.model)

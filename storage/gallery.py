@@ -47,6 +47,7 @@ class GalleryQuery:
     user_id: str | None = None
     guild_id: str | None = None
     hidden_models: tuple[str, ...] = ()
+    viewer_guilds: tuple[str, ...] = ()  # a signed-in member's servers: their private galleries are shown too
 
     def check(self) -> GalleryQuery:
         """Refuse out-of-range pages and unknown periods (front doors answer 400)."""
@@ -83,7 +84,8 @@ async def gallery_page(session: AsyncSession, query: GalleryQuery, now: datetime
         statement = statement.where(Job.guild_id == query.guild_id)
     else:
         # The public gallery: local (CLI, web) images and guilds that opted in.
-        statement = statement.where(or_(Job.guild_id.is_(None), Job.guild_id.in_(await public_guilds(session))))
+        visible = [*await public_guilds(session), *query.viewer_guilds]
+        statement = statement.where(or_(Job.guild_id.is_(None), Job.guild_id.in_(visible)))
     if query.model:
         statement = statement.where(Job.model == query.model)
     if query.user_id:

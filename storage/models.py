@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.sql.expression import true as sa_true
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -163,9 +164,13 @@ class Vote(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
     value: Mapped[int] = mapped_column(Integer)
     source: Mapped[str] = mapped_column(String(16), default="cli")
+    # A Discord member (bot or signed-in web visitor) or the owner's CLI; anonymous web votes (when an admin allows
+    # them) are kept but never counted for ranking, the starboard or the export.
+    verified: Mapped[bool] = mapped_column(Boolean, default=True, server_default=sa_true())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (CheckConstraint("value IN (-1, 1)", name="ck_votes_value"), Index("ix_votes_image", "image_id"))
+    __table_args__ = (CheckConstraint("value IN (-1, 1)", name="ck_votes_value"), Index("ix_votes_image", "image_id"),
+                      Index("ix_votes_user_created", "user_id", "created_at"))
 
 
 class Favourite(Base):
@@ -175,4 +180,32 @@ class Favourite(Base):
 
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebSession(Base):
+    """A signed-in web visitor (or, where an admin allows it, an anonymous one): the cookie holds a random token,
+    the table only its SHA-256, so a leaked database signs nobody in."""
+
+    __tablename__ = "web_sessions"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    verified: Mapped[bool] = mapped_column(Boolean, default=False)  # signed in with Discord
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    guild_ids: Mapped[list[Any]] = mapped_column(default=list)  # the Discord servers the member belongs to
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+
+    __table_args__ = (Index("ix_web_sessions_user", "user_id"), Index("ix_web_sessions_expires", "expires_at"))
+
+
+class SignIn(Base):
+    """A Discord sign-in under way: the OAuth2 `state` (hashed) and the PKCE verifier, for ten minutes."""
+
+    __tablename__ = "sign_ins"
+
+    state_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    code_verifier: Mapped[str] = mapped_column(String(128))
+    return_to: Mapped[str] = mapped_column(String(300), default="/")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -6,7 +6,9 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dreamloom.errors import InvalidRequest, NotFound
+from datetime import timedelta
+
+from dreamloom.errors import InvalidRequest, LimitReached, NotFound
 from storage.models import Favourite, Image, Vote, utcnow
 from storage.queue import ensure_user
 from storage.ranking import wilson_lower_bound
@@ -23,20 +25,33 @@ async def _require_image(session: AsyncSession, image_id: int) -> None:
         raise NotFound(f"There is no image {image_id}.")
 
 
-async def set_vote(session: AsyncSession, user_id: str, image_id: int, value: int, source: str) -> None:
-    """Record `user_id`'s vote on an image, replacing an earlier one."""
+async def set_vote(session: AsyncSession, user_id: str, image_id: int, value: int, source: str, *,
+                   verified: bool = True, max_per_minute: int | None = None) -> None:
+    """Record `user_id`'s vote on an image, replacing an earlier one.
+
+    `verified`: the voter is a Discord member or the owner (only verified votes are counted). `max_per_minute`
+    caps how fast one member votes (a script on a real account), counted in the database so it holds across
+    processes.
+    """
     if value not in (1, -1):
         raise InvalidRequest(f"A vote is +1 or -1; got {value}.")
     if source not in VOTE_SOURCES:
         raise InvalidRequest(f"Vote source must be one of {', '.join(VOTE_SOURCES)}.")
     await _require_image(session, image_id)
     await ensure_user(session, user_id)
+    now = utcnow()
+    if max_per_minute is not None:
+        recent = await session.scalar(select(func.count()).where(Vote.user_id == user_id,
+                                                                 Vote.created_at > now - timedelta(minutes=1)))
+        if recent >= max_per_minute:
+            raise LimitReached(f"You have voted {recent} times in the last minute, the most allowed; "
+                               "try again in a minute.", retry_after=60)
     statement = _insert(session, Vote).values(user_id=user_id, image_id=image_id, value=value, source=source,
-                                                created_at=utcnow())
+                                                verified=verified, created_at=now)
     await session.execute(statement.on_conflict_do_update(
         index_elements=[Vote.user_id, Vote.image_id],
         set_={"value": statement.excluded.value, "source": statement.excluded.source,
-              "created_at": statement.excluded.created_at}))
+              "verified": statement.excluded.verified, "created_at": statement.excluded.created_at}))
     await _refresh_counts(session, image_id)
 
 
@@ -48,6 +63,15 @@ async def remove_vote(session: AsyncSession, user_id: str, image_id: int) -> boo
     return result.rowcount == 1
 
 
+async def purge_votes(session: AsyncSession, user_id: str) -> int:
+    """Remove every vote of one member (an admin's ban) and recount the images they voted on; returns how many."""
+    image_ids = list((await session.scalars(select(Vote.image_id).where(Vote.user_id == user_id))).all())
+    await session.execute(delete(Vote).where(Vote.user_id == user_id))
+    for image_id in image_ids:
+        await _refresh_counts(session, image_id)
+    return len(image_ids)
+
+
 async def _refresh_counts(session: AsyncSession, image_id: int) -> None:
     # Recounted (not incremented) in the vote's own transaction: always equal to the votes table.
     up, down = await tally(session, image_id)
@@ -56,20 +80,20 @@ async def _refresh_counts(session: AsyncSession, image_id: int) -> None:
 
 
 async def tallies(session: AsyncSession, image_ids: list[int]) -> dict[int, tuple[int, int]]:
-    """(up votes, down votes) of each image, in one query; images without votes get (0, 0)."""
+    """Verified (up votes, down votes) of each image, in one query; images without votes get (0, 0)."""
     counts = {image_id: (0, 0) for image_id in image_ids}
     if not image_ids:
         return counts
     rows = await session.execute(select(
         Vote.image_id, func.sum(case((Vote.value > 0, 1), else_=0)), func.sum(case((Vote.value < 0, 1), else_=0)))
-        .where(Vote.image_id.in_(image_ids)).group_by(Vote.image_id))
+        .where(Vote.image_id.in_(image_ids), Vote.verified.is_(True)).group_by(Vote.image_id))
     for image_id, up, down in rows:
         counts[image_id] = (int(up), int(down))
     return counts
 
 
 async def tally(session: AsyncSession, image_id: int) -> tuple[int, int]:
-    """(up votes, down votes) of an image."""
+    """Verified (up votes, down votes) of an image: what ranking, the starboard and the export count."""
     return (await tallies(session, [image_id]))[image_id]
 
 

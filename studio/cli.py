@@ -224,7 +224,7 @@ def cmd_submit(args, settings) -> dict[str, Any]:
     from studio.service import TERMINAL
 
     async def work(studio):
-        view = await studio.submit_imagine(args.user, args.prompt)
+        view = await studio.submit_imagine(args.user, args.prompt, owner=True)
         if args.wait:
             deadline = time.monotonic() + args.timeout
             while view.status not in TERMINAL:

@@ -7,22 +7,23 @@ import logging
 import re
 import dataclasses
 import random
+import secrets
 import statistics
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 
-from dreamloom.errors import DreamloomError, InvalidRequest, NotFound
+from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
 from engine.images import make_grid, open_image
 from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry
 from engine.routing import RouteDecision, prepare_routing, route
-from storage import queue, votes
+from storage import queue, sessions, votes
 from storage.database import Database, sqlite_url, uninterrupted
 from storage.export import ExportFilter, ExportReport, export_dataset
 from storage.files import ImageStore
@@ -31,6 +32,7 @@ from storage.models import Guild, Image, Job
 from studio.guilds import GuildSettings
 from studio.outputs import image_pngs
 from studio.settings import Settings
+from studio.signin import WebMember, authorize_url, fetch_account, new_pkce_pair
 
 TERMINAL = ("done", "failed", "cancelled")
 log = logging.getLogger(__name__)
@@ -127,14 +129,17 @@ class Studio:
 
     # -- what is installed ----------------------------------------------------------------------------
 
-    def check_prompt(self, text: str) -> None:
+    def check_prompt(self, text: str, *, owner: bool = False) -> None:
         """Check a prompt's syntax, model and LoRAs without queueing it (no database): front doors answer at once."""
-        self.route(text)
+        self.route(text, owner=owner)
 
-    def route(self, text: str) -> RouteDecision:
-        """The model and LoRAs a prompt would run on, and why (`dreamloom route`)."""
+    def route(self, text: str, *, owner: bool = False) -> RouteDecision:
+        """The model and LoRAs a prompt would run on, and why (`dreamloom route`).
+
+        Only the machine's `owner` (the local CLI) may name a model by its path; members name registered models.
+        """
         self.refresh_registry()
-        return route(self.registry, parse_prompt(text))
+        return route(self.registry, parse_prompt(text), allow_paths=owner)
 
     async def prepare_routing(self) -> None:
         """Load what routing needs ahead of the first prompt (front doors call it as they start)."""
@@ -180,9 +185,12 @@ class Studio:
     @uninterrupted
     async def submit_imagine(self, user_id: str, text: str, *, kind: str = "imagine", guild_id: str | None = None,
                              channel_id: str | None = None, image_prompt: bytes | None = None,
-                             age_restricted_channel: bool | None = None) -> JobView:
+                             age_restricted_channel: bool | None = None, owner: bool = False) -> JobView:
         """Check a prompt (syntax, model, the server's rules) and queue it; the seed is fixed now so a rerun
         makes the same images.
+
+        `owner` is the machine's owner at the local CLI, who may name a model by its path; everyone else names
+        registered models.
 
         The user's default parameters (/settings) apply where the prompt does not name them. `image_prompt` is an
         uploaded image (checked and stored now). On a server, banned words are refused and a model tagged `nsfw`
@@ -195,8 +203,10 @@ class Studio:
             user = await queue.ensure_user(session, user_id)
             defaults = dict(user.defaults)
         text = apply_defaults(text, defaults)
-        decision = self.route(text)
+        decision = self.route(text, owner=owner)
         prompt, spec = decision.prompt, decision.spec
+        # A model from a path is kept as its path: the worker must not look its folder name up in the registry.
+        model = spec.name if self.registry.models.get(spec.name) is spec else str(spec.path)
         check_image_weight(prompt, image_prompt is not None)
         if rules:
             rules.check_model(spec.name, spec.tags, age_restricted_channel)
@@ -206,7 +216,7 @@ class Studio:
         seed = prompt.seed if prompt.seed is not None else self._rng.randrange(0, 2**32 - prompt.n)
         return await self._enqueue(queue.NewJob(
             kind=kind, user_id=user_id, raw_prompt=text, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt,
-            parameters=parameters, model=spec.name, seed=seed, guild_id=guild_id, channel_id=channel_id,
+            parameters=parameters, model=model, seed=seed, guild_id=guild_id, channel_id=channel_id,
             max_attempts=self.settings.max_attempts, loras=decision.to_dict()["loras"], route_reason=decision.reason_text,
         ), rules)
 
@@ -342,11 +352,19 @@ class Studio:
             return updated
 
     @uninterrupted
-    async def set_banned(self, user_id: str, banned: bool) -> None:
-        """Ban or unban a member: a banned member cannot queue jobs and the gallery hides their images."""
+    async def set_banned(self, user_id: str, banned: bool, *, purge_votes: bool = False) -> int:
+        """Ban or unban a member: a banned member cannot queue jobs or vote, is signed out of the web, and the
+        gallery hides their images. `purge_votes` also removes their votes (counts recomputed); returns how many."""
         async with self.db.session() as session:
             user = await queue.ensure_user(session, user_id)
             user.banned = banned
+            removed = 0
+            if banned:
+                await sessions.end_sessions_of(session, user_id)
+                if purge_votes:
+                    removed = await votes.purge_votes(session, user_id)
+        log.info("%s %s%s", user_id, "banned" if banned else "unbanned", f"; {removed} vote(s) removed" if removed else "")
+        return removed
 
     def reload_registry(self) -> Registry:
         """Read models.toml again (an admin command); a broken file keeps the old registry and raises ConfigError."""
@@ -378,10 +396,19 @@ class Studio:
     # -- votes and favourites ---------------------------------------------------------------------
 
     @uninterrupted
-    async def vote(self, image_id: int, user_id: str, value: int, source: str = "cli") -> tuple[int, int]:
-        """Record a vote (+1/-1) and return the image's (up, down)."""
+    async def vote(self, image_id: int, user_id: str, value: int, source: str = "cli", *,
+                   verified: bool = True) -> tuple[int, int]:
+        """Record a vote (+1/-1) and return the image's verified (up, down).
+
+        `verified` says the voter is a Discord member or the owner; an anonymous web visitor's vote is kept apart
+        and not counted. Banned members cannot vote; one member votes at most `max_votes_per_minute` times a minute.
+        """
         async with self.db.session() as session:
-            await votes.set_vote(session, user_id, image_id, value, source)
+            user = await queue.ensure_user(session, user_id)
+            if user.banned:
+                raise NotAllowed("You are banned from this studio; ask a server admin.")
+            await votes.set_vote(session, user_id, image_id, value, source, verified=verified,
+                                 max_per_minute=None if source == "cli" else self.settings.max_votes_per_minute)
             return await votes.tally(session, image_id)
 
     @uninterrupted
@@ -510,28 +537,31 @@ class Studio:
             return {"prompt": job.prompt, "user_id": job.user_id, "up": image.up_votes, "down": image.down_votes}
 
     @uninterrupted
-    async def public_job(self, job_id: int) -> JobView:
-        """A job as the public web may see it: not from a banned member, a hidden model or a private guild."""
+    async def public_job(self, job_id: int, viewer_guilds: tuple[str, ...] = ()) -> JobView:
+        """A job as the web may see it: not from a banned member, a hidden model or a private guild (unless the
+        signed-in viewer belongs to that guild: `viewer_guilds`)."""
         async with self.db.session() as session:
             job = await session.get(Job, job_id)
-            if not await self._public(session, job):
+            if not await self._public(session, job, viewer_guilds):
                 raise NotFound(f"There is no job {job_id}.")
             return await self._view(session, job)
 
-    async def _public(self, session, job: Job | None) -> bool:
-        """The web's one visibility rule: not a banned member's, not a hidden model's, not a private guild's."""
+    async def _public(self, session, job: Job | None, viewer_guilds: tuple[str, ...] = ()) -> bool:
+        """The web's one visibility rule: not a banned member's, not a hidden model's, not a private guild's
+        (a guild's own members see its images)."""
         if job is None or job.model in self.hidden_models():
             return False
         owner = await session.get(queue.User, job.user_id)
-        return not owner.banned and (job.guild_id is None or job.guild_id in await public_guilds(session))
+        return not owner.banned and (job.guild_id is None or job.guild_id in viewer_guilds
+                                     or job.guild_id in await public_guilds(session))
 
     @uninterrupted
-    async def image_detail(self, image_id: int) -> dict[str, Any]:
-        """Everything an image page shows; images the gallery hides are not found."""
+    async def image_detail(self, image_id: int, viewer_guilds: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Everything an image page shows; images the gallery hides (from this viewer) are not found."""
         async with self.db.session() as session:
             image = await session.get(Image, image_id)
             job = await session.get(Job, image.job_id) if image else None
-            if job is None or job.status != "done" or not await self._public(session, job):
+            if job is None or job.status != "done" or not await self._public(session, job, viewer_guilds):
                 raise NotFound(f"There is no image {image_id}.")
             siblings = (await session.scalars(select(Image).where(Image.job_id == job.id).order_by(Image.index_in_job))).all()
             children = (await session.execute(select(Image.id, Job.kind).join(Job, Image.job_id == Job.id)
@@ -581,6 +611,74 @@ class Studio:
             Job.status == "done", Job.kind == kind).order_by(Job.id.desc()).limit(20))).all()
         durations = [(finished - started).total_seconds() for started, finished in rows if started and finished]
         return round(statistics.median(durations), 2) if durations else 5.0
+
+    # -- the web's members: Sign in with Discord, sessions --------------------------------------------
+
+    @uninterrupted
+    async def begin_sign_in(self, return_to: str = "/") -> tuple[str, str]:
+        """Start Sign in with Discord: returns the `state` (the browser keeps it in a cookie too) and the URL of
+        Discord's approval page."""
+        if not self.settings.sign_in_configured:
+            raise NotAllowed("Sign-in is not set up here: the owner sets DREAMLOOM_DISCORD_CLIENT_ID and "
+                             "DREAMLOOM_DISCORD_CLIENT_SECRET (see the README, \"Running it in public\").")
+        if not return_to.startswith("/") or return_to.startswith("//") or "\\" in return_to:
+            return_to = "/"  # only pages of this site: never an open redirect
+        state = secrets.token_urlsafe(32)
+        verifier, challenge = new_pkce_pair()
+        async with self.db.session() as session:
+            await sessions.start_sign_in(session, state, verifier, return_to)
+        return state, authorize_url(self.settings, state, challenge)
+
+    @uninterrupted
+    async def finish_sign_in(self, state: str, code: str) -> tuple[str, str]:
+        """Finish a sign-in Discord approved: returns the new session's token (for the cookie) and the page to
+        go back to. A state used before, stale or unknown, or a member the settings do not admit, is refused."""
+        async with self.db.session() as session:
+            pending = await sessions.take_sign_in(session, state)
+        if pending is None:
+            raise NotAllowed("This sign-in link has expired or was already used; sign in again.")
+        account = await fetch_account(self.settings, code, pending.code_verifier)
+        allowed = self.settings.signin_guild_ids
+        if allowed and not set(allowed) & set(account.guild_ids):
+            raise NotAllowed("Only members of this community's Discord server can sign in here; join it first.")
+        user_id = f"discord:{account.id}"
+        lifetime = timedelta(days=self.settings.web_session_days)
+        async with self.db.session() as session:
+            if (await queue.ensure_user(session, user_id)).banned:
+                raise NotAllowed("You are banned from this studio; ask a server admin.")
+            token, _ = await sessions.create_session(session, user_id, verified=True, guild_ids=list(account.guild_ids),
+                                                     lifetime=lifetime, display_name=account.name)
+        log.info("%s signed in on the web", user_id)
+        return token, pending.return_to
+
+    @uninterrupted
+    async def anonymous_visitor(self) -> tuple[str, WebMember]:
+        """A session for a visitor who is not signed in (only where `web_allow_anonymous` is set): their votes are
+        kept apart (unverified)."""
+        if not self.settings.web_allow_anonymous:
+            raise NotAllowed("Sign in with Discord to do this.")
+        async with self.db.session() as session:
+            token, row = await sessions.create_session(session, f"web:{secrets.token_hex(8)}", verified=False,
+                                                       guild_ids=[], lifetime=timedelta(days=1))
+            return token, WebMember(row.user_id, "", False, row.csrf_token)
+
+    @uninterrupted
+    async def web_member(self, token: str) -> WebMember | None:
+        """Who a session cookie belongs to (None: no live session, or a banned member)."""
+        async with self.db.session() as session:
+            row = await sessions.find_session(session, token)
+            if row is None:
+                return None
+            user = await session.get(queue.User, row.user_id)
+            if user is None or user.banned:
+                return None
+            return WebMember(row.user_id, user.display_name, row.verified, row.csrf_token, tuple(row.guild_ids or ()))
+
+    @uninterrupted
+    async def sign_out(self, token: str) -> None:
+        """End a web session (its cookie stops working at once)."""
+        async with self.db.session() as session:
+            await sessions.end_session(session, token)
 
     # -- progress events (in this process) --------------------------------------------------------
 

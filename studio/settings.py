@@ -41,8 +41,45 @@ class Settings(BaseSettings):
     gallery_port: int = Field(8765, ge=0, le=65535, description="Port of the web gallery (0: do not serve it).")
     gallery_show_nsfw: bool = Field(False, description="Show images from models tagged `nsfw` in the gallery.")
     gallery_public_url: str | None = Field(
-        None, description="The gallery's address as members reach it (for links in Discord); default http://host:port."
+        None, description="Older name of public_url (still read when public_url is not set)."
     )
+    public_url: str | None = Field(
+        None, description="The gallery's address as members reach it (https://... behind a proxy): links in Discord, "
+        "the sign-in redirect URL, Secure cookies when https; default http://host:port."
+    )
+    discord_client_id: str | None = Field(
+        None, description="The Discord application's client id (OAuth2): with the secret, enables Sign in with Discord."
+    )
+    discord_client_secret: str | None = Field(None, description="The Discord application's client secret (OAuth2).")
+    discord_oauth_url: str = Field(
+        "https://discord.com/oauth2/authorize", description="Discord's OAuth2 authorization page (any compatible one)."
+    )
+    signin_guild_ids: list[str] = Field(
+        default_factory=list, description="Discord servers whose members may sign in on the web (empty: any "
+        "Discord account may sign in)."
+    )
+    web_session_days: float = Field(30, gt=0, description="How long a web sign-in lasts.")
+    web_allow_anonymous: bool = Field(
+        False, description="Let visitors who are not signed in vote and generate; their votes are kept apart and "
+        "never count for ranking, the starboard or the export."
+    )
+    max_votes_per_minute: int = Field(
+        60, ge=1, description="Votes one member may cast per minute (any front door; a vote on a grid counts 4).")
+    web_rate_imagine: str = Field("6/minute;60/hour", description="Web generations per member (limits syntax).")
+    web_rate_votes: str = Field("60/minute", description="Web votes per member (limits syntax).")
+    web_rate_events: str = Field("60/minute", description="Live progress streams opened per member or visitor.")
+    web_rate_per_address: str = Field(
+        "120/minute", description="Requests that change state or open a stream, per client address (all members)."
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="Addresses (or networks, 10.0.0.0/8) of reverse proxies whose "
+        "X-Forwarded-For names the client; from any other peer the header is ignored."
+    )
+    web_idle_timeout_s: float = Field(
+        15.0, gt=0, description="A connection that sends no complete request headers for this long is closed "
+        "(silent and slow clients alike)."
+    )
+    web_body_timeout_s: float = Field(15.0, gt=0, description="Time a client has to send a request's body.")
 
     discord_token: str | None = Field(None, description="The Discord bot token; the bot runs only when it is set.")
     discord_api_base: str = Field("https://discord.com/api/v10", description="Discord's REST base (any compatible API).")
@@ -61,7 +98,12 @@ class Settings(BaseSettings):
     @property
     def gallery_url(self) -> str:
         """Where links to image pages point."""
-        return (self.gallery_public_url or f"http://{self.gallery_host}:{self.gallery_port}").rstrip("/")
+        return (self.public_url or self.gallery_public_url or f"http://{self.gallery_host}:{self.gallery_port}").rstrip("/")
+
+    @property
+    def sign_in_configured(self) -> bool:
+        """Whether Sign in with Discord is set up (client id and secret)."""
+        return bool(self.discord_client_id and self.discord_client_secret)
 
     @property
     def outputs_dir(self) -> Path:

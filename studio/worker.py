@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from dreamloom.errors import DreamloomError, EngineUnavailable, GenerationCancelled, NotAllowed
+from dreamloom.errors import UnknownModel, DreamloomError, EngineUnavailable, GenerationCancelled, NotAllowed
 from engine.generation import GenerationResult, ImagineRequest, UpscaleRequest, VaryRequest
 from engine.images import open_image
 from engine.params import LoraChoice, parse_prompt
@@ -169,6 +169,9 @@ class Worker:
         prompt = dataclasses.replace(prompt, seed=job.seed, model=job.model, loras=loras)
         self.studio.refresh_registry()
         self.engine.registry = self.studio.registry  # admins may have edited models.toml
+        if job.model and job.model not in self.studio.registry.models and not job.user_id.startswith("cli:"):
+            # Only the owner's CLI jobs name a model by path; a member's job names a registered model.
+            raise UnknownModel(f"Model {job.model!r} is no longer registered; choose another with --model.")
         mode = job.parameters.get("mode")
         if job.kind in ("imagine", "reroll"):
             image_prompt = job.parameters.get("image_prompt")

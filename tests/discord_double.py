@@ -115,6 +115,14 @@ class DiscordDouble:
         self._connected = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
+        # OAuth2 (Sign in with Discord): one application, the accounts that can sign in, codes and tokens issued.
+        self.client_id = self.app_id
+        self.client_secret = "double-client-secret"
+        self.redirect_uris: list[str] = []  # as registered in the developer portal
+        self.accounts: dict[str, tuple[Member, list[str]]] = {}  # user id -> (member, the guild ids they are in)
+        self._codes: dict[str, dict[str, Any]] = {}
+        self._tokens: dict[str, str] = {}  # access token -> user id
+        self.token_requests: list[dict[str, Any]] = []
 
     def snowflake(self) -> str:
         return str(next(self._ids))
@@ -125,6 +133,9 @@ class DiscordDouble:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/attachments/{id}/{filename}", self._download)
+        app.router.add_get("/oauth2/authorize", self._authorize_page)
+        app.router.add_post("/oauth2/authorize", self._authorize)
+        app.router.add_post("/api/v10/oauth2/token", self._token)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -137,6 +148,83 @@ class DiscordDouble:
             await self._ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @property
+    def oauth_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/oauth2/authorize"
+
+    # -- OAuth2: the authorization-code flow with PKCE, as Discord's docs describe it ----------------------
+
+    def add_account(self, member: Member, guild_ids: list[str] | None = None) -> None:
+        """Someone who can sign in with Discord (a member of `guild_ids`, default the test server)."""
+        self.accounts[member.id] = (member, [self.guild_id] if guild_ids is None else list(guild_ids))
+
+    def _oauth_error(self, message: str) -> web.Response:
+        return web.Response(status=400, text=f"OAuth2 error: {message}")
+
+    def _check_authorize(self, query) -> str | None:
+        if query.get("client_id") != self.client_id:
+            return "unknown client_id"
+        if query.get("redirect_uri") not in self.redirect_uris:
+            return "redirect_uri is not registered"
+        if query.get("response_type") != "code" or set(query.get("scope", "").split()) != {"identify", "guilds"}:
+            return "response_type must be code and scope identify guilds"
+        if query.get("code_challenge_method") != "S256" or len(query.get("code_challenge", "")) < 43:
+            return "PKCE S256 code_challenge required"
+        return None
+
+    async def _authorize_page(self, request: web.Request) -> web.Response:
+        """Discord's consent screen: one Authorize button per account (as if that person were logged in)."""
+        problem = self._check_authorize(request.query)
+        if problem:
+            return self._oauth_error(problem)
+        from html import escape
+
+        hidden = "".join(f'<input type="hidden" name="{escape(k)}" value="{escape(v)}">' for k, v in request.query.items())
+        buttons = "".join(f'<button name="user_id" value="{m.id}">Authorize as {escape(m.name)}</button>'
+                          for m, _ in self.accounts.values())
+        return web.Response(content_type="text/html", text=(
+            f'<!doctype html><title>Discord</title><h1>Dreamloom wants to access your account</h1>'
+            f'<form method="post">{hidden}{buttons}<button name="deny" value="1">Cancel</button></form>'))
+
+    async def _authorize(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        problem = self._check_authorize(form)
+        if problem:
+            return self._oauth_error(problem)
+        from urllib.parse import urlencode
+
+        if form.get("deny"):
+            raise web.HTTPFound(f"{form['redirect_uri']}?" + urlencode({"error": "access_denied", "state": form["state"]}))
+        code = self.snowflake()
+        self._codes[code] = {"user_id": form["user_id"], "challenge": form["code_challenge"],
+                             "redirect_uri": form["redirect_uri"]}
+        raise web.HTTPFound(f"{form['redirect_uri']}?" + urlencode({"code": code, "state": form["state"]}))
+
+    async def _token(self, request: web.Request) -> web.Response:
+        import base64
+        import hashlib
+
+        form = dict(await request.post())
+        self.token_requests.append(form)
+        expected = "Basic " + base64.b64encode(f"{self.client_id}:{self.client_secret}".encode()).decode()
+        if request.headers.get("Authorization") != expected:
+            return self._json({"error": "invalid_client"}, 401)
+        grant = self._codes.pop(str(form.get("code")), None)  # a code works once
+        if grant is None or form.get("grant_type") != "authorization_code" or form.get("redirect_uri") != grant["redirect_uri"]:
+            return self._json({"error": "invalid_grant"}, 400)
+        verifier = str(form.get("code_verifier", ""))
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        if challenge != grant["challenge"]:
+            return self._json({"error": "invalid_grant", "error_description": "code_verifier mismatch"}, 400)
+        token = self.snowflake() + "access"
+        self._tokens[token] = grant["user_id"]
+        return self._json({"access_token": token, "token_type": "Bearer", "expires_in": 604800,
+                           "refresh_token": "unused", "scope": "identify guilds"})
+
+    def _bearer_user(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        return self._tokens.get(header[7:]) if header.startswith("Bearer ") else None
 
     @property
     def api_base(self) -> str:
@@ -384,7 +472,14 @@ class DiscordDouble:
                                       {"Retry-After": str(fault.retry_after), "Via": "1.1 google",
                                        "X-RateLimit-Scope": "global" if fault.is_global else "user"})
                 return self._json({"message": "Server error", "code": 0}, fault.status)
-        response = self._route(request.method, path, body, files, request.query)
+        user_id = self._bearer_user(request)
+        if user_id is not None and request.method == "GET" and path in ("/users/@me", "/users/@me/guilds"):
+            account, guilds = self.accounts[user_id]
+            response = self._json(account.user() if path == "/users/@me" else
+                                  [{"id": guild, "name": "Test server", "icon": None, "owner": False,
+                                    "permissions": account.permissions} for guild in guilds])
+        else:
+            response = self._route(request.method, path, body, files, request.query)
         self.requests.append(Recorded(request.method, path, body, files, response.status, time.perf_counter()))
         return response
 

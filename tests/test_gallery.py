@@ -18,6 +18,7 @@ import pytest
 from studio.service import Studio
 from studio.settings import Settings
 from tests.conftest import ROOT
+from tests.web_client import DoubleOnAThread, Visitor
 
 DREAMLOOM = Path(sys.executable).parent / "dreamloom"
 CHROMIUM = "/usr/bin/chromium"
@@ -52,9 +53,14 @@ class Site:
             f'[[models]]\nname = "starter-nsfw"\npath = "{starter}"\nfamily = "starter"\ntags = ["nsfw"]\n'
             f'[[loras]]\nname = "outline"\npath = "{ROOT / "models" / "loras" / "outline.safetensors"}"\n'
             'family = "starter"\ndescription = "Bold black outlines."\n')
+        # Sign in with Discord goes through the Discord API double (its OAuth2 pages and token endpoint).
+        self.discord = DoubleOnAThread()
+        self.alice = self.discord.account("4001", "alice")
+        self.bob = self.discord.account("4002", "bob")
+        self.mallory = self.discord.account("4666", "mallory")
         self.env = {**os.environ, "DREAMLOOM_DATA_DIR": str(self.data), "DREAMLOOM_REGISTRY": str(registry),
                     "DREAMLOOM_GALLERY_PORT": str(self.port), "DREAMLOOM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
-                    "DREAMLOOM_MAX_QUEUED_PER_USER": "50"}
+                    "DREAMLOOM_MAX_QUEUED_PER_USER": "50", **self.discord.env(self.base)}
         self.settings = Settings(data_dir=self.data, registry=registry, max_queued_per_user=50)
         # Output to a file, not a pipe nobody reads: a full pipe would block the server mid-test.
         self.log = tmp / "serve.log"
@@ -92,6 +98,18 @@ class Site:
             time.sleep(0.3)
         raise AssertionError(f"job {job_id} did not finish")
 
+    def visitor(self, name: str | None = None) -> Visitor:
+        """A web visitor with cookies of their own; signed in with Discord as `name` when given."""
+        visitor = Visitor(self.base)
+        return visitor.sign_in(name) if name else visitor
+
+    def sign_in(self, page, name: str) -> None:
+        """Sign in with Discord in Chromium: the gallery's button, then Authorize on Discord's (the double's) page."""
+        page.goto(self.base + "/")
+        page.click("#sign-in")
+        page.click(f"text=Authorize as {name}")
+        page.wait_for_selector("#sign-out")
+
     def stop(self) -> None:
         """Stop the server (also when the fixture's set-up failed, so no `serve` outlives the tests)."""
         if self.process.poll() is None:
@@ -101,6 +119,7 @@ class Site:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.discord.stop()
 
 
 @pytest.fixture(scope="module")
@@ -175,21 +194,36 @@ def test_a_loras_page_lists_the_images_made_with_it(site, browser):
     assert json.loads(_get(site.base + "/api/gallery?period=all&lora=nobody")[1])["items"] == []
 
 
-def test_vote_from_the_image_page(site, browser):
+def test_sign_in_with_discord_and_vote_from_the_image_page(site, browser):
     page = browser.new_page()
     image_id = site.grid["images"][2]["id"]
     page.goto(f"{site.base}/image/{image_id}")
+    assert page.is_disabled("#up") and "Sign in with Discord" in page.inner_text("#vote-message")
+    site.sign_in(page, "alice")
+    assert page.inner_text("#me") == "alice"
+    page.goto(f"{site.base}/image/{image_id}")
     page.click("#up")
-    page.wait_for_function("document.querySelector('#up span').textContent === '1'")
+    page.wait_for_function("() => document.querySelector('#up span').textContent === '1'")
     page.click("#up")  # a second click takes the vote back
-    page.wait_for_function("document.querySelector('#up span').textContent === '0'")
+    page.wait_for_function("() => document.querySelector('#up span').textContent === '0'")
     page.click("#down")
-    page.wait_for_function("document.querySelector('#down span').textContent === '1'")
+    page.wait_for_function("() => document.querySelector('#down span').textContent === '1'")
     page.reload()  # the visitor's own vote is shown after a reload too
     assert page.get_attribute("#down", "class").split() == ["vote", "on"]
     assert page.get_attribute("#up", "class").split() == ["vote"]
     page.click("#down")
-    page.wait_for_function("document.querySelector('#down span').textContent === '0'")
+    page.wait_for_function("() => document.querySelector('#down span').textContent === '0'")
+    page.click("#up")
+    page.wait_for_function("() => document.querySelector('#up span').textContent === '1'")
+
+    async def vote_of(studio):
+        return await studio.vote_of(image_id, f"discord:{site.alice.id}")
+
+    assert site.studio(vote_of) == 1  # the web vote is the Discord member's one vote
+    page.click("#sign-out")
+    page.wait_for_selector("#sign-in")
+    page.goto(f"{site.base}/image/{image_id}")
+    assert page.is_disabled("#up")
     page.close()
 
 
@@ -224,14 +258,11 @@ def test_security_headers_and_malformed_input_never_500(site):
         assert _get(site.base + path)[0] == 400, path
     image_id = site.grid["images"][3]["id"]
     before = json.loads(_get(f"{site.base}/api/images/{image_id}")[1])["up"]
+    member = site.visitor("bob")
     for body in (b'{"value": 1e999}', b'{"value": 1.9}', b'{"value": true}', b'{"value": "-1"}', b'[1]', b"nonsense",
                  b'{"value": 2}'):
-        request = urllib.request.Request(f"{site.base}/api/images/{image_id}/vote", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            status = urllib.request.urlopen(request, timeout=30).status
-        except urllib.error.HTTPError as error:
-            status = error.code
+        status, _, _ = member.request("POST", f"/api/images/{image_id}/vote", body,
+                                      {"Content-Type": "application/json", "X-CSRF-Token": member.csrf})
         assert status == 400, body
     assert json.loads(_get(f"{site.base}/api/images/{image_id}")[1])["up"] == before
 
@@ -251,8 +282,20 @@ def test_unknown_pages_are_404_and_the_favicon_is_served(site):
 def test_imagine_form_shows_progress_and_the_result(site, browser):
     page = browser.new_page()
     page.goto(site.base + "/imagine")
+    assert page.locator("#imagine").count() == 0 and "Sign in with Discord" in page.inner_text("#read-only-notice")
+    site.sign_in(page, "bob")
+    page.goto(site.base + "/imagine")
     page.fill("#prompt-input", "a yellow star on a purple background --steps 30 --seed 5")
     page.click("#submit")
+    assert "/jobs/" in page.url
+    page.wait_for_selector("#results .card", timeout=120_000)
+    assert page.locator("#results .card").count() == 4
+    job_url = page.url
+    page.click("#reroll button")  # the same prompt with new seeds, as Discord's 🔄
+    assert "/jobs/" in page.url and page.url != job_url
+    page.wait_for_selector("#results .card", timeout=120_000)
+    page.click("#results .card")
+    page.click("#make >> text=Vary (subtle)")  # as Discord's V1-V4
     assert "/jobs/" in page.url
     page.wait_for_selector("#results .card", timeout=120_000)
     assert page.locator("#results .card").count() == 4
@@ -265,20 +308,23 @@ def test_imagine_form_shows_progress_and_the_result(site, browser):
 
 def test_cancel_a_running_job_from_its_page(site, browser):
     page = browser.new_page()
+    site.sign_in(page, "alice")
     page.goto(site.base + "/imagine")
     page.fill("#prompt-input", "a white square on a red background --steps 150 --q 2 --seed 9")
     page.click("#submit")
     job_id = int(page.url.rsplit("/", 1)[1])
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('step')", timeout=120_000)
-    stranger = browser.new_context().new_page()  # another visitor (another cookie) gets no button and a 403
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('step')", timeout=120_000)
+    stranger = browser.new_context().new_page()  # another member gets no button and a 403
+    site.sign_in(stranger, "mallory")
     stranger.goto(f"{site.base}/jobs/{job_id}")
     assert stranger.locator("#cancel").count() == 0
     answer = stranger.evaluate(f"fetch('/api/jobs/{job_id}/cancel', {{method: 'POST', headers: {{'Content-Type': "
-                               "'application/json'}, body: '{}'}).then(r => r.status)")
+                               "'application/json', 'X-CSRF-Token': document.querySelector('meta[name=csrf-token]')"
+                               ".content}, body: '{}'}).then(r => r.status)")
     assert answer == 403
     stranger.context.close()
     page.click("#cancel")
-    page.wait_for_function("document.getElementById('status').dataset.status === 'cancelled'", timeout=60_000)
+    page.wait_for_function("() => document.getElementById('status').dataset.status === 'cancelled'", timeout=60_000)
     job = site.wait_done(job_id)
     assert job["status"] == "cancelled" and job["images"] == []
     page.close()

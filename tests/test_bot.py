@@ -5,6 +5,7 @@ import asyncio
 
 from tests.bot_world import BotWorld
 from tests.aio import run
+from tests.conftest import ROOT
 
 QUICK = "--steps 4"
 
@@ -205,6 +206,13 @@ def test_bad_input_gets_a_clear_private_message(engine, tmp_path):
             assert "--foo" in await error_for({"prompt": "a cat --foo 3"})
             assert "--ar" in await error_for({"prompt": "a cat --ar 0:9"})
             assert "Unknown model" in await error_for({"prompt": "a cat", "model": "nope"})
+            # Members name registered models only: a path is refused with one reply, whatever is on disk there.
+            starter_folder = str(ROOT / "models" / "starter-shapes")
+            refusals = {await error_for({"prompt": f"a cat --model {path}"})
+                        for path in (starter_folder, "/etc", "/root/x.safetensors", "~nosuchuser", "/" + "a" * 300)}
+            refusals.add(await error_for({"prompt": "a cat", "model": starter_folder}))
+            assert len(refusals) == 1, refusals
+            assert "--model takes the name of a registered model" in refusals.pop()
             huge = double.add_attachment(b"x" * 100, "huge.png", size=50 * 2**20)
             assert "50.0 MB" in await error_for({"prompt": "a cat", "image": huge})
             text = double.add_attachment(b"hello", "notes.txt", content_type="text/plain")

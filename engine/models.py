@@ -102,15 +102,32 @@ def estimate_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
     return total
 
 
+PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def check_safetensors_only(folder: Path) -> None:
+    """A diffusers folder whose component has pickled weights and no .safetensors is refused: unpickling a file
+    can run code, and the README promises safetensors only."""
+    for component in sorted({p.parent for p in folder.rglob("*") if p.suffix in PICKLED_SUFFIXES and p.is_file()}):
+        if not any(component.glob("*.safetensors")):
+            where = component.relative_to(folder).as_posix() or "."
+            raise ModelLoadError(f"Model folder {folder.name} has pickled weights in {where}/ and no .safetensors; only "
+                                 "safetensors are loaded (pickles can run code). Convert it first, e.g. with diffusers' "
+                                 "save_pretrained(..., safe_serialization=True).")
+
+
 def load_pipeline(spec: ModelSpec, device: str, dtype: torch.dtype, cache_dir: Path):
     """Load `spec` as a diffusers pipeline on `device`, never touching a network."""
     if not spec.path.exists():
         raise UnknownModel(f"Model {spec.name!r}: nothing at {spec.path}.")
     pipeline_class = PIPELINE_CLASSES[spec.family]
     extra = {"safety_checker": None, "requires_safety_checker": False} if pipeline_class is StableDiffusionPipeline else {}
+    if spec.path.is_dir():
+        check_safetensors_only(spec.path)
     try:
         if spec.path.is_dir():
-            pipe = pipeline_class.from_pretrained(spec.path, dtype=dtype, local_files_only=True, **extra)
+            pipe = pipeline_class.from_pretrained(spec.path, dtype=dtype, local_files_only=True, use_safetensors=True,
+                                                  **extra)
         else:
             if spec.family == "flux":
                 raise ModelLoadError(f"{spec.path.name}: load FLUX from a diffusers folder, not a single file.")

@@ -29,6 +29,7 @@ from engine.routing import route
 
 log = logging.getLogger(__name__)
 MAX_UPSCALE_SIDE = 8192
+MAX_VARY_PIXELS = 2048 * 2048  # per variation (four are made): a 16 000 000 x 1 source must not allocate gigabytes
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -151,6 +152,10 @@ class Engine:
         spec, prompt = self.plan(request.prompt, request.route)
         family = model_family(spec)
         size = _fit(request.source.size, family.multiple)
+        if size[0] * size[1] > MAX_VARY_PIXELS or max(size) > MAX_UPSCALE_SIDE:
+            raise InvalidImage(f"Variations of a {request.source.width}x{request.source.height} image would be "
+                               f"{size[0]}x{size[1]}; the limit is {MAX_VARY_PIXELS:,} pixels and {MAX_UPSCALE_SIDE} a "
+                               "side. Downscale it first.")
         settings = resolve_settings(prompt, spec, family, size=size, rng=self.rng,
                                     strength=VARIATION_STRENGTH[request.strength], kind=f"vary-{request.strength}")
         factors = self._preview_factors(spec)

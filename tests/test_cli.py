@@ -177,3 +177,50 @@ def test_the_screenshot_script_only_prints_help_with_help():
                             text=True, timeout=120)
     assert result.returncode == 0 and "--out" in result.stdout
     assert picture.stat().st_mtime_ns == before
+
+
+CRAFTED = [
+    {"dreamloom": '{"raw_prompt": "a cat", "seed": 1180591620717411303424}'},  # a seed past 2**64
+    {"dreamloom": '{"raw_prompt": "a cat", "seed": -5, "settings": {"model": ["starter"]}}'},
+    {"dreamloom": '{"raw_prompt": "a cat", "settings": {"model": "/etc"}}'},
+    {"dreamloom": '{"raw_prompt": "a cat --steps 99999 --ar 500:1"}'},
+    {"dreamloom": '{"raw_prompt": "' + "x" * 20000 + '"}'},
+    {"dreamloom": '[1, 2, 3]'}, {"dreamloom": "null"}, {"dreamloom": "{not json"},
+    {"parameters": "a cat\nSteps: many, Seed: 1e999, Size: 0x0, Model: ../../etc"},
+    {"parameters": ""},
+]
+
+
+@pytest.mark.parametrize("command", ["vary", "upscale"])
+def test_crafted_png_metadata_gets_a_message_not_a_traceback(command, data_dir, tmp_path):
+    from PIL import PngImagePlugin
+
+    for index, chunks in enumerate(CRAFTED):
+        info = PngImagePlugin.PngInfo()
+        for key, value in chunks.items():
+            info.add_text(key, value)
+        path = tmp_path / f"crafted-{index}.png"
+        Image.new("RGB", (32, 32), "red").save(path, pnginfo=info)
+        result = run(command, str(path), data_dir=data_dir, check=False)
+        assert result.returncode in (0, 2), (chunks, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, (chunks, result.stderr[-2000:])
+
+
+def test_vary_refuses_a_sliver_instead_of_allocating_gigabytes(data_dir, tmp_path):
+    sliver = tmp_path / "sliver.png"
+    Image.new("L", (16_000_000, 1)).save(sliver)
+    result = run("vary", str(sliver), "--prompt", "a line", data_dir=data_dir, check=False)
+    assert result.returncode == 2 and "Downscale it first" in result.stderr, result.stderr[-2000:]
+
+
+def test_pickled_weights_in_a_model_folder_are_refused(data_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickled-model"
+    shutil.copytree(Path(__file__).parent.parent / "models" / "starter-shapes", folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.with_suffix(".bin").write_bytes(b"pickle would run here")
+        weights.unlink()
+    result = run("imagine", "a cat --steps 2", "--model", str(folder), data_dir=data_dir, check=False)
+    assert result.returncode == 2 and "pickled weights" in result.stderr and "Traceback" not in result.stderr, \
+        result.stderr[-2000:]

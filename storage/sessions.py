@@ -67,10 +67,14 @@ async def take_sign_in(session: AsyncSession, state: str) -> SignIn | None:
     """The sign-in a `state` names, used once: a replayed or stale state finds nothing."""
     if not state or len(state) > 100:
         return None
-    row = await session.get(SignIn, token_hash(state))
+    key = token_hash(state)
+    row = await session.get(SignIn, key)
     if row is None:
         return None
-    await session.delete(row)
+    # Deleted by statement, counted: of two callbacks racing with one state, only one finds it.
+    taken = await session.execute(delete(SignIn).where(SignIn.state_sha256 == key))
+    if taken.rowcount != 1:
+        return None
     return row if row.created_at > utcnow() - SIGN_IN_TTL else None
 
 

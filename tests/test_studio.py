@@ -211,14 +211,16 @@ def test_upgrade_from_the_previous_revision_keeps_data_and_backfills_counts(data
         async with db.session() as session:
             for statement in (
                 "INSERT INTO users (id, display_name, defaults, banned, queued_count, created_at) "
-                "VALUES ('u1', 'u1', '{}', false, 0, CURRENT_TIMESTAMP), ('u2', 'u2', '{}', false, 0, CURRENT_TIMESTAMP)",
+                "VALUES ('u1', 'u1', '{}', false, 0, CURRENT_TIMESTAMP), ('u2', 'u2', '{}', false, 0, CURRENT_TIMESTAMP), "
+                "('web:5f2c', '', '{}', false, 0, CURRENT_TIMESTAMP)",
                 "INSERT INTO jobs (id, kind, status, priority, user_id, raw_prompt, prompt, negative_prompt, parameters, "
                 "loras, attempts, max_attempts, cancel_requested, created_at) VALUES (1, 'imagine', 'done', 0, 'u1', "
                 "'a cat', 'a cat', '', '{}', '[]', 1, 3, false, CURRENT_TIMESTAMP)",
                 "INSERT INTO images (id, job_id, index_in_job, seed, width, height, sha256, path, created_at) "
                 "VALUES (1, 1, 1, 5, 64, 64, 'abc', 'ab/c.png', CURRENT_TIMESTAMP)",
                 "INSERT INTO votes (user_id, image_id, value, source, created_at) VALUES "
-                "('u1', 1, 1, 'cli', CURRENT_TIMESTAMP), ('u2', 1, 1, 'cli', CURRENT_TIMESTAMP)",
+                "('u1', 1, 1, 'cli', CURRENT_TIMESTAMP), ('u2', 1, 1, 'cli', CURRENT_TIMESTAMP), "
+                "('web:5f2c', 1, -1, 'web', CURRENT_TIMESTAMP)",  # a cookie anyone could choose: kept, not counted
             ):
                 await session.execute(text(statement))
         await db.upgrade()
@@ -410,6 +412,100 @@ def test_cancelling_a_caller_mid_query_never_hangs_nor_holds_the_lock(tmp_path):
         other.execute("ROLLBACK")
         other.close()
         assert (await studio.job(job.id)).status == "queued"
+        await studio.close()
+
+    run(scenario())
+
+
+def test_only_verified_votes_count_and_a_ban_can_purge_votes(database_url, tmp_path):
+    """Anonymous web votes are kept apart (ranking, starboard, export never see them); a banned member's votes can
+    be removed with the counts recomputed; one member votes at most `max_votes_per_minute` times a minute."""
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path, max_votes_per_minute=3)
+        grid = await studio.submit_imagine("discord:1", "a red circle --seed 1")
+        images = await finish(studio, grid.id)
+        await studio.vote(images[0], "discord:2", 1, source="reaction")
+        await studio.vote(images[0], "discord:3", 1, source="web")
+        for anonymous in range(10):
+            assert await studio.vote(images[1], f"web:{anonymous:04x}", 1, source="web", verified=False) == (0, 0)
+        assert await studio.vote(images[1], "discord:2", -1, source="button") == (0, 1)
+        (first, _), = [(item.image_id, item.up) for item in (await studio.gallery(GalleryQuery(period="all")))[0][:1]]
+        assert first == images[0]  # 10 anonymous up-votes did not lift image 2
+        report = await studio.export(tmp_path / "before", "imagefolder", ExportFilter(min_score=1))
+        assert report.images == 1
+        # A script on a real account: the fourth vote in a minute is refused (429 on the web).
+        more = await finish(studio, (await studio.submit_imagine("discord:1", "a blue square --seed 2")).id)
+        for image_id in more:
+            try:
+                await studio.vote(image_id, "discord:9", 1, source="reaction")
+            except LimitReached as error:
+                assert error.retry_after == 60 and "in the last minute" in str(error)
+                break
+        else:
+            raise AssertionError("the vote cap never applied")
+        # The admin bans discord:2 and removes their votes: counts and export follow.
+        removed = await studio.set_banned("discord:2", True, purge_votes=True)
+        assert removed == 2
+        assert (await studio.image_detail(images[0]))["up"] == 1 and (await studio.image_detail(images[1]))["down"] == 0
+        with pytest.raises(NotAllowed, match="banned"):
+            await studio.vote(images[0], "discord:2", 1, source="reaction")
+        rows = [json.loads(line) for line in (tmp_path / "before" / "metadata.jsonl").read_text().splitlines()]
+        assert rows[0]["score"] == 2
+        await studio.export(tmp_path / "after", "imagefolder", ExportFilter(min_score=1))
+        rows = [json.loads(line) for line in (tmp_path / "after" / "metadata.jsonl").read_text().splitlines()]
+        assert {row["image_id"]: row["score"] for row in rows}[images[0]] == 1
+        await studio.close()
+
+    run(scenario())
+
+
+def test_members_name_models_the_owner_may_give_paths(database_url, tmp_path):
+    from tests.conftest import ROOT
+
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path)
+        folder = str(ROOT / "models" / "starter-shapes")
+        messages = set()
+        for path in (folder, "/etc", "/root/x.safetensors", "~nosuchuser", "/" + "a" * 300, "..\\models"):
+            with pytest.raises(UnknownModel) as refused:
+                await studio.submit_imagine("discord:1", f"a cat --model {path}")
+            messages.add(str(refused.value))
+        assert len(messages) == 1 and "/" not in messages.pop()
+        with pytest.raises(UnknownModel, match="Unknown model 'nope'"):
+            studio.check_prompt("a cat --model nope")
+        owned = await studio.submit_imagine("cli:owner", f"a cat --model {folder}", owner=True)
+        assert owned.model == folder  # kept as the path: the worker must not look the folder's name up
+        assert len(await studio.jobs()) == 1
+        await studio.close()
+
+    run(scenario())
+
+
+def test_sign_in_states_work_once_and_sessions_end(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path, discord_client_id="1", discord_client_secret="s",
+                                   public_url="https://art.example.org")
+        state, url = await studio.begin_sign_in("//evil.example.com/")
+        assert url.startswith("https://discord.com/oauth2/authorize?") and "code_challenge_method=S256" in url
+        assert "redirect_uri=https%3A%2F%2Fart.example.org%2Fauth%2Fdiscord%2Fcallback" in url
+        assert "scope=identify+guilds" in url and f"state={state}" in url
+        with pytest.raises(NotAllowed, match="expired or was already used"):
+            await studio.finish_sign_in("not-the-state", "code")
+        from storage import sessions
+
+        async with studio.db.session() as session:
+            pending = await sessions.take_sign_in(session, state)
+            assert pending.return_to == "/"  # never an open redirect
+            assert await sessions.take_sign_in(session, state) is None  # once
+            token, _ = await sessions.create_session(session, "discord:5", verified=True, guild_ids=["g"],
+                                                     lifetime=__import__("datetime").timedelta(days=1))
+        member = await studio.web_member(token)
+        assert member.user_id == "discord:5" and member.verified and member.guild_ids == ("g",)
+        assert await studio.web_member(token + "x") is None
+        await studio.set_banned("discord:5", True)  # a ban signs the member out
+        assert await studio.web_member(token) is None
+        with pytest.raises(NotAllowed, match="Sign in with Discord"):
+            await studio.anonymous_visitor()  # not allowed unless an admin says so
         await studio.close()
 
     run(scenario())

@@ -297,6 +297,16 @@ def cmd_vote(args, settings) -> dict[str, Any]:
     return asyncio.run(_with_studio(settings, work))
 
 
+def cmd_ban(args, settings) -> dict[str, Any]:
+    import asyncio
+
+    async def work(studio):
+        removed = await studio.set_banned(args.user, not args.unban, purge_votes=args.purge_votes)
+        return {"user": args.user, "banned": not args.unban, "votes_removed": removed}
+
+    return asyncio.run(_with_studio(settings, work))
+
+
 def cmd_export(args, settings) -> dict[str, Any]:
     import asyncio
     from datetime import datetime, timezone
@@ -352,6 +362,10 @@ def _human(command: str, document: dict[str, Any]) -> str:
         return f"database {document['database']}: revision {document['from']} -> {document['to']}"
     if command == "vote":
         return f"image {document['image']}: {document['up']} up, {document['down']} down"
+    if command == "ban":
+        if not document["banned"]:
+            return f"{document['user']} may generate and vote again"
+        return f"{document['user']} is banned; {_count(document['votes_removed'], 'vote')} removed"
     if command == "export":
         pairs = f", {_count(document['pairs'], 'pair')}" if document["format"] == "pairs" else ""
         return f"exported {_count(document['images'], 'image')}{pairs} ({document['format']}) to {document['folder']}"
@@ -468,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     vote.add_argument("image", type=int)
     vote.add_argument("value")
     vote.add_argument("--user", required=True)
+    ban = add("ban", "Ban a member (discord:ID, cli:NAME): no generating or voting, images leave the gallery.")
+    ban.add_argument("user")
+    ban.add_argument("--purge-votes", action="store_true", help="also remove every vote they cast (counts recomputed)")
+    ban.add_argument("--unban", action="store_true", help="lift the ban instead")
     export = add("export", "Export the community's best images as a training dataset.")
     export.add_argument("folder", help="a new or empty folder")
     export.add_argument("--format", choices=["imagefolder", "kohya", "pairs"], default="imagefolder")
@@ -485,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "imagine": cmd_imagine, "vary": cmd_vary, "upscale": cmd_upscale, "models": cmd_models, "serve": cmd_serve,
-    "submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel, "vote": cmd_vote,
+    "submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel, "vote": cmd_vote, "ban": cmd_ban,
     "export": cmd_export, "db": cmd_db, "route": cmd_route, "train-lora": cmd_train_lora,
 }
 

@@ -224,3 +224,16 @@ def test_pickled_weights_in_a_model_folder_are_refused(data_dir, tmp_path):
     result = run("imagine", "a cat --steps 2", "--model", str(folder), data_dir=data_dir, check=False)
     assert result.returncode == 2 and "pickled weights" in result.stderr and "Traceback" not in result.stderr, \
         result.stderr[-2000:]
+
+
+def test_the_owner_bans_a_member_and_purges_their_votes(data_dir):
+    made = json.loads(run("imagine", "a blue circle --seed 4 --steps 2 --n 1", "--publish", "--user", "owner", "--json",
+                          "--quiet", data_dir=data_dir).stdout)
+    image = str(made["published"]["images"][0])
+    run("vote", image, "+1", "--user", "discord:77", data_dir=data_dir)
+    assert "2 up" in run("vote", image, "+1", "--user", "discord:78", data_dir=data_dir).stdout
+    assert run("ban", "discord:77", "--purge-votes", data_dir=data_dir).stdout.strip() == "discord:77 is banned; 1 vote removed"
+    assert "1 up" in run("vote", image, "+1", "--user", "discord:78", data_dir=data_dir).stdout
+    refused = run("vote", image, "+1", "--user", "discord:77", data_dir=data_dir, check=False)
+    assert refused.returncode == 2 and "banned" in refused.stderr
+    assert "may generate and vote again" in run("ban", "discord:77", "--unban", data_dir=data_dir).stdout

@@ -5,6 +5,7 @@ token, in the form field `csrf_token` or the `X-CSRF-Token` header; reading need
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 import secrets
@@ -15,7 +16,7 @@ from limits import parse_many
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from dreamloom.errors import LimitReached, NotAllowed
+from dreamloom.errors import InvalidRequest, LimitReached, NotAllowed
 
 from studio.service import Studio
 from studio.signin import WebMember
@@ -83,24 +84,30 @@ async def csrf(request: web.Request, handler):
 
 
 async def read_form(request: web.Request):
-    """The request's form, read within the body timeout (a client trickling its body is cut off)."""
-    async with _body_deadline(request):
-        return await request.post()
+    """The request's form, read within the body timeout (a client trickling its body is cut off); a body that is
+    not a readable form (a broken multipart, bad encoding) is a 400, never a 500."""
+    try:
+        async with asyncio.timeout(request.app[STUDIO].settings.web_body_timeout_s):
+            return await request.post()
+    except web.HTTPException:
+        raise  # too large (413): aiohttp's own answer
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="The request body took too long to arrive.") from None
+    except Exception as error:  # aiohttp's multipart parser raises several types for malformed bodies
+        raise InvalidRequest("The form could not be read; send it as a normal HTML form.") from error
 
 
 async def read_json(request: web.Request):
     """The request's JSON body within the body timeout; None when it is not JSON."""
-    async with _body_deadline(request):
-        try:
+    try:
+        async with asyncio.timeout(request.app[STUDIO].settings.web_body_timeout_s):
             return await request.json()
-        except ValueError:
-            return None
-
-
-def _body_deadline(request: web.Request):
-    import asyncio
-
-    return asyncio.timeout(request.app[STUDIO].settings.web_body_timeout_s)
+    except web.HTTPException:
+        raise
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="The request body took too long to arrive.") from None
+    except ValueError:  # not JSON, or not UTF-8
+        return None
 
 
 def client_address(request: web.Request) -> str:

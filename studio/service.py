@@ -211,6 +211,8 @@ class Studio:
         if rules:
             rules.check_model(spec.name, spec.tags, age_restricted_channel)
         parameters = prompt.to_dict()
+        if model != spec.name:
+            parameters["model_from_path"] = True  # the owner's: the worker loads a path for this job alone
         if image_prompt is not None:
             parameters["image_prompt"] = await asyncio.to_thread(self._store_image_prompt, image_prompt)
         seed = prompt.seed if prompt.seed is not None else self._rng.randrange(0, 2**32 - prompt.n)

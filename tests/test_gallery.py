@@ -60,11 +60,14 @@ class Site:
         self.alice = self.discord.account("4001", "alice")
         self.bob = self.discord.account("4002", "bob")
         self.mallory = self.discord.account("4666", "mallory")
+        self.gina = self.discord.account("4007", "gina", ["g1"])  # a member of the private server g1
+        self.paula = self.discord.account("4008", "paula")
         self.env = {**os.environ, "DREAMLOOM_DATA_DIR": str(self.data), "DREAMLOOM_REGISTRY": str(registry),
                     "DREAMLOOM_GALLERY_PORT": str(self.port), "DREAMLOOM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
                     "DREAMLOOM_MAX_QUEUED_PER_USER": "50", **self.discord.env(self.base),
                     # As behind a reverse proxy on this machine: tests name the client with X-Forwarded-For.
-                    "DREAMLOOM_TRUSTED_PROXIES": '["127.0.0.1"]'}
+                    "DREAMLOOM_TRUSTED_PROXIES": '["127.0.0.1"]',
+                    "DREAMLOOM_WEB_IDLE_TIMEOUT_S": "3"}  # short, so the slow-client test is quick
         self.settings = Settings(data_dir=self.data, registry=registry, max_queued_per_user=50)
         # Output to a file, not a pipe nobody reads: a full pipe would block the server mid-test.
         self.log = tmp / "serve.log"
@@ -415,6 +418,11 @@ def test_banned_members_nsfw_models_and_private_guilds_are_hidden(site):
     guild_image = site.wait_done(private.id)["images"][0]["id"]
     assert _get(f"{site.base}/image/{guild_image}")[0] == 404
     assert _get(f"{site.base}/jobs/{private.id}")[0] == 404 and _get(f"{site.base}/api/jobs/{private.id}")[0] == 404
+    # ...but its own members, signed in with Discord, see it.
+    gina = site.visitor("gina")
+    assert gina.get(f"/image/{guild_image}")[0] == 200 and gina.get(f"/files/{guild_image}.png")[0] == 200
+    assert guild_image in {i["id"] for i in json.loads(gina.get("/api/gallery?period=new&per_page=100")[1])["items"]}
+    assert site.visitor("bob").get(f"/image/{guild_image}")[0] == 404
 
     async def opt_in(studio):
         from storage.models import Guild
@@ -507,7 +515,7 @@ def test_rate_limits_answer_429_with_retry_after(site):
 
 
 def test_models_from_paths_are_refused_on_the_web_without_revealing_them(site):
-    member = site.visitor("alice")
+    member = site.visitor("paula")  # her own limit of 6 generations a minute: nobody else's tries count
     before = _state(site, site.grid["images"][0]["id"])
     starter_folder = str(ROOT / "models" / "starter-shapes")  # the nsfw model's folder too
     answers = set()
@@ -553,7 +561,7 @@ ROUTES = ["/", "/model/{s}", "/lora/{s}", "/member/{s}", "/image/{n}", "/image/{
 def test_a_route_and_api_fuzz_finds_no_500(site):
     """Every route, with hostile path segments, query strings and bodies, from a signed-in member (valid CSRF token,
     so bodies are read): the answer is never a server error, and the server logs no traceback."""
-    from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+    from hypothesis import HealthCheck, example, given, settings as hypothesis_settings, strategies as st
 
     member = site.visitor("bob")
     real = [str(site.grid["images"][0]["id"]), str(site.grid["id"])]
@@ -574,8 +582,10 @@ def test_a_route_and_api_fuzz_finds_no_500(site):
                        st.binary(max_size=200).map(lambda b: ("multipart/form-data; boundary=x", b)))
     seen = []
 
-    @hypothesis_settings(max_examples=250, deadline=None, database=None,
-                         suppress_health_check=list(HealthCheck))
+    @hypothesis_settings(max_examples=int(os.environ.get("DREAMLOOM_FUZZ_EXAMPLES", 250)), deadline=None,
+                         database=None, suppress_health_check=list(HealthCheck))
+    @example(route="/imagine", number="1", word="0", method="POST", query={},  # found by this test: it was a 500
+             body=("multipart/form-data; boundary=x", b""))
     @given(route=st.sampled_from(ROUTES), number=numbers, word=words, method=st.sampled_from(["GET", "POST"]),
            query=st.dictionaries(st.sampled_from(["page", "per_page", "period", "model", "lora", "user", "next",
                                                   "state", "code", "error"]), query_values, max_size=3),
@@ -598,3 +608,49 @@ def test_a_route_and_api_fuzz_finds_no_500(site):
     assert len(seen) > 200 and {status for status, _, _ in seen} & {400, 403, 404}
     log = site.log.read_text(errors="replace")
     assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
+
+
+def test_silent_and_slow_clients_are_cut_off(site):
+    """A connection that never completes its request headers is closed after the idle timeout (3 s here)."""
+    silent = socket.create_connection(("127.0.0.1", site.port))
+    slow = socket.create_connection(("127.0.0.1", site.port))
+    silent.settimeout(20)
+    slow.settimeout(0.5)
+    started = time.monotonic()
+    assert silent.recv(1) == b""  # closed by the server
+    assert time.monotonic() - started < 10
+    slow.sendall(b"GET / HTTP/1.1\r\n")
+    started, closed = time.monotonic(), False
+    while time.monotonic() - started < 20 and not closed:
+        try:
+            slow.sendall(b"X-Slow: header\r\n")  # a header line every half second, never the end
+            closed = slow.recv(1) == b""
+        except socket.timeout:
+            continue
+        except OSError:
+            closed = True
+    assert closed and time.monotonic() - started < 10
+    silent.close()
+    slow.close()
+
+
+def test_client_addresses_come_from_forwarded_for_only_behind_a_trusted_proxy():
+    from aiohttp.test_utils import make_mocked_request
+
+    from gallery.guard import STUDIO, client_address
+
+    class Holder:
+        def __init__(self, proxies):
+            self.settings = Settings(trusted_proxies=proxies)
+
+    def address(peer, forwarded, proxies):
+        app = {STUDIO: Holder(proxies)}
+        request = make_mocked_request("GET", "/", headers={"X-Forwarded-For": forwarded}, app=app)
+        request._transport_peername = (peer, 1234)
+        return client_address(request.clone(remote=peer))
+
+    assert address("203.0.113.9", "198.51.100.1", []) == "203.0.113.9"  # no proxy configured: the header is ignored
+    assert address("203.0.113.9", "198.51.100.1", ["10.0.0.0/8"]) == "203.0.113.9"  # not from the proxy
+    assert address("10.1.2.3", "198.51.100.1", ["10.0.0.0/8"]) == "198.51.100.1"
+    # The client may send its own X-Forwarded-For: the proxy appends; the last untrusted hop is the client.
+    assert address("10.1.2.3", "1.2.3.4, 198.51.100.1, 10.9.9.9", ["10.0.0.0/8"]) == "198.51.100.1"

@@ -16,7 +16,7 @@ from bot.render import user_key
 from bot.buttons import IMAGE_ACTIONS, CancelButton, GalleryPageButton, JobActionButton, gallery_view
 from bot.commands import register_commands
 from bot.delivery import InteractionPost, MessagePost, TokenExpired, follow_job
-from dreamloom.errors import DreamloomError
+from dreamloom.errors import DreamloomError, public_message
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class DreamloomBot(discord.Client):
         try:
             await work
         except DreamloomError as error:
-            await self.reply_error(interaction, str(error))
+            await self.reply_error(interaction, public_message(error))
         except Exception:
             log.exception("button failed")
             await self.reply_error(interaction, "Something went wrong on our side; it has been logged.")
@@ -201,7 +201,7 @@ class DreamloomBot(discord.Client):
         try:
             await self._react(job, emoji, user_id, channel, added, payload.guild_id)
         except DreamloomError as error:
-            await self._tell(channel, payload.user_id, str(error))
+            await self._tell(channel, payload.user_id, public_message(error))
 
     async def _react(self, job, emoji: str, user_id: str, channel, added: bool, guild_id: int | None) -> None:
         grid = len(job.images) > 1
@@ -269,7 +269,7 @@ class DreamloomBot(discord.Client):
         """Every command error becomes a short ephemeral reply; only our own bugs are logged."""
         original = getattr(error, "original", error)
         if isinstance(original, DreamloomError):
-            text = str(original)
+            text = public_message(original)
         elif isinstance(error, app_commands.MissingPermissions):
             text = "Admin commands need the Manage Server permission."
         elif isinstance(error, app_commands.NoPrivateMessage):

@@ -7,6 +7,18 @@ anything else is a bug and is logged, not shown.
 """
 from __future__ import annotations
 
+import re
+
+# An absolute or home-relative filesystem path inside a message (not a URL's path, not a ratio like 16/9).
+_PATH = re.compile(r"(?<![\w:/.\-])(?:~[\w.\-]*)?/[\w.\-~+@]+(?:/[\w.\-~+@]+)*/?(?<!\.)")
+HIDDEN_PATH = "(a file on the server)"
+
+
+def public_message(error: BaseException | str) -> str:
+    """What Discord and web users see of an error: its message with filesystem paths hidden (a model's folder, the
+    data directory). The owner's CLI and the log keep the full message."""
+    return _PATH.sub(HIDDEN_PATH, str(error))
+
 
 class DreamloomError(Exception):
     """Base class: the message is meant for the end user."""

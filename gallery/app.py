@@ -17,7 +17,7 @@ import jinja2
 from aiohttp import web
 from PIL import Image
 
-from dreamloom.errors import DreamloomError, InvalidRequest, LimitReached, NotAllowed, NotFound
+from dreamloom.errors import DreamloomError, InvalidRequest, LimitReached, NotAllowed, NotFound, public_message
 
 from gallery.guard import (LIMITS, SESSION_COOKIE, SIGN_IN_COOKIE, STUDIO, RateLimits, cookie_options, csrf, identity,
                            member, read_form, read_json, read_only_reason)
@@ -45,9 +45,10 @@ async def errors(request: web.Request, handler):
         status = (404 if isinstance(error, NotFound) else 403 if isinstance(error, NotAllowed)
                   else 429 if isinstance(error, LimitReached) else 400)
         if _wants_json(request):
-            response = web.json_response({"error": str(error)}, status=status)
+            response = web.json_response({"error": public_message(error)}, status=status)
         else:
-            response = aiohttp_jinja2.render_template("error.html", request, {"message": str(error), "status": status})
+            response = aiohttp_jinja2.render_template("error.html", request, {"message": public_message(error),
+                                                                             "status": status})
             response.set_status(status)
         if isinstance(error, LimitReached) and error.retry_after:
             response.headers["Retry-After"] = str(int(error.retry_after))
@@ -206,7 +207,8 @@ async def imagine_submit(request: web.Request) -> web.StreamResponse:
     try:
         job = await request.app[STUDIO].submit_imagine(member(request).user_id, prompt)
     except DreamloomError as error:
-        response = aiohttp_jinja2.render_template("imagine.html", request, {"prompt": prompt, "error": str(error)})
+        response = aiohttp_jinja2.render_template("imagine.html", request, {"prompt": prompt,
+                                                                           "error": public_message(error)})
         response.set_status(429 if isinstance(error, LimitReached) else 403 if isinstance(error, NotAllowed) else 400)
         return response
     raise web.HTTPSeeOther(f"/jobs/{job.id}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from dreamloom.errors import UnknownModel, DreamloomError, EngineUnavailable, GenerationCancelled, NotAllowed
+from dreamloom.errors import UnknownModel, DreamloomError, public_message, EngineUnavailable, GenerationCancelled, NotAllowed
 from engine.generation import GenerationResult, ImagineRequest, UpscaleRequest, VaryRequest
 from engine.images import open_image
 from engine.params import LoraChoice, parse_prompt
@@ -83,9 +83,11 @@ class Worker:
             message = "Interrupted by a shutdown; it will run again." if requeue else "Cancelled while it ran."
             await self._end(job.id, message, retry=requeue, cancelled=not requeue)
         except EngineUnavailable as error:
-            await self._end(job.id, str(error), retry=True)
+            log.warning("job %s: %s", job.id, error)
+            await self._end(job.id, public_message(error), retry=True)
         except DreamloomError as error:
-            await self._end(job.id, str(error), retry=False)
+            log.warning("job %s: %s", job.id, error)  # the full message for the owner; members see paths hidden
+            await self._end(job.id, public_message(error), retry=False)
         except Exception:
             log.exception("job %s failed", job.id)
             await self._end(job.id, "Internal error while generating; it will be retried.", retry=True)

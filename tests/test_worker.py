@@ -172,3 +172,27 @@ def test_kill_9_mid_queue_then_restart_completes_every_job_exactly_once(tmp_path
     assert next(j for j in jobs if j["id"] == interrupted)["attempts"] >= 2
     stored = [p for p in (data / "images").rglob("*.png")]
     assert len(stored) == sum(j["n"] for j in jobs)  # no stray files, none missing
+
+
+def test_a_failed_job_tells_members_what_failed_without_server_paths(engine, tmp_path):
+    """A registered model whose folder is gone: the job fails with a message members can read, the folder hidden;
+    and a member's job whose model was unregistered since is refused, not looked up on disk by its name."""
+    async def scenario():
+        missing = tmp_path / "models" / "gone-model"
+        registry = tmp_path / "models.toml"
+        registry.write_text(TEST_REGISTRY.read_text() + f'\n[[models]]\nname = "gone"\npath = "{missing}"\nfamily = "starter"\n')
+        studio = await Studio.open(Settings(data_dir=tmp_path / "data", registry=registry))
+        worker = Worker(studio, engine, "test:1:1")
+        job = await studio.submit_imagine("discord:1", "a red circle --model gone --steps 2")
+        assert await worker.run_one()
+        failed = await studio.job(job.id)
+        assert failed.status == "failed" and "gone" in failed.error and str(tmp_path) not in failed.error
+        assert "(a file on the server)" in failed.error
+        async with studio.db.session() as session:
+            (await session.get(Job, (await studio.submit_imagine("discord:1", "a cat --steps 2")).id)).model = "starter-copy"
+        assert await worker.run_one()
+        refused = (await studio.jobs(limit=1))[0]
+        assert refused.status == "failed" and "no longer registered" in refused.error
+        await studio.close()
+
+    run(scenario())

@@ -527,3 +527,56 @@ def test_anonymous_visitors_where_an_admin_allows_them_are_kept_apart(database_u
         await studio.close()
 
     run(scenario())
+
+
+def test_sign_in_with_discord_admits_only_the_configured_servers_members(tmp_path):
+    """The whole OAuth2 flow against the Discord double over HTTP: consent, code, PKCE-checked token, account and
+    servers; a member of another server only is refused, and a code works once."""
+    import re
+    from urllib.parse import parse_qs, urlparse
+
+    import aiohttp
+
+    from tests.discord_double import DiscordDouble, Member
+
+    async def scenario():
+        double = DiscordDouble()
+        await double.start()
+        double.add_account(Member("5001", "insider"))
+        double.add_account(Member("5002", "outsider"), ["999"])
+        public = "http://gallery.test"
+        double.redirect_uris.append(public + "/auth/discord/callback")
+        studio = await open_studio(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", tmp_path,
+                                   discord_client_id=double.client_id, discord_client_secret=double.client_secret,
+                                   discord_api_base=double.api_base, discord_oauth_url=double.oauth_url,
+                                   public_url=public, signin_guild_ids=[double.guild_id])
+
+        async def approve(user_id: str, return_to: str = "/") -> tuple[str, str]:
+            state, url = await studio.begin_sign_in(return_to)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(url) as consent:
+                    page = await consent.text()
+                fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page))
+                async with http.post(url.split("?")[0], data={**fields, "user_id": user_id},
+                                     allow_redirects=False) as answer:
+                    back = urlparse(answer.headers["Location"])
+            assert back.netloc == "gallery.test" and parse_qs(back.query)["state"] == [state]
+            return state, parse_qs(back.query)["code"][0]
+
+        state, code = await approve("5001", "/image/3")
+        token, return_to = await studio.finish_sign_in(state, code)
+        member = await studio.web_member(token)
+        assert (member.user_id, member.display_name, return_to) == ("discord:5001", "insider", "/image/3")
+        assert double.token_requests[-1]["code_verifier"] and "client_secret" not in double.token_requests[-1]
+        with pytest.raises(NotAllowed, match="expired or was already used"):
+            await studio.finish_sign_in(state, code)  # replayed
+        state, code = await approve("5002")
+        with pytest.raises(NotAllowed, match="Only members of this community"):
+            await studio.finish_sign_in(state, code)
+        state, _ = await approve("5001")
+        with pytest.raises(NotAllowed, match="did not accept"):
+            await studio.finish_sign_in(state, "a-forged-code")
+        await studio.close()
+        await double.stop()
+
+    run(scenario())

@@ -113,6 +113,13 @@ def test_reactions_act_and_vote(engine, tmp_path):
             assert len(double.channel_messages(double.gallery_channel_id)) == 1
             assert f"/image/{upscaled.images[0].id}" in starboard[0]["content"] and starboard[0]["attachments"]
 
+            # An admin bans bob and removes his votes: the counts follow at once.
+            await double.wait_for(_votes(studio, upscaled.id, (3, 0)), 60, "three up-votes")
+            ban = await double.slash(world.admin, "admin", {"member": world.bob, "purge_votes": True}, subcommand="ban")
+            await double.wait_for(lambda: ban.callbacks, 60, "the ban")
+            assert "1 vote(s) removed" in ban.callbacks[-1]["data"]["content"]
+            await double.wait_for(_votes(studio, upscaled.id, (2, 0)), 60, "bob's vote removed")
+
     run(scenario())
 
 

@@ -52,6 +52,7 @@ bench: setup system-packages
 	$(PYTHON) bench/gallery_bench.py
 	$(PYTHON) bench/bot_bench.py
 	$(PYTHON) bench/lora_bench.py
+	$(PYTHON) bench/web_trust_bench.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -6,9 +6,9 @@ import secrets
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from storage.models import SignIn, WebSession, utcnow
+from storage.models import SignIn, User, WebSession, utcnow
 from storage.queue import ensure_user
 
 SIGN_IN_TTL = timedelta(minutes=10)
@@ -39,6 +39,21 @@ async def find_session(session: AsyncSession, token: str, now: datetime | None =
     if not token or len(token) > 100:
         return None
     row = await session.get(WebSession, token_hash(token))
+    if row is None or row.expires_at <= (now or utcnow()):
+        return None
+    return row
+
+
+async def session_member(connection: AsyncConnection, token: str, now: datetime | None = None):
+    """One read for every web request with a cookie: the live session's member (user id, display name, verified,
+    CSRF token, server ids), or None (unknown, expired, or a banned member). Takes no write lock."""
+    if not token or len(token) > 100:
+        return None
+    row = (await connection.execute(
+        select(WebSession.user_id, User.display_name, WebSession.verified, WebSession.csrf_token, WebSession.guild_ids,
+               WebSession.expires_at)
+        .join(User, User.id == WebSession.user_id)
+        .where(WebSession.token_sha256 == token_hash(token), User.banned.is_(False)))).first()
     if row is None or row.expires_at <= (now or utcnow()):
         return None
     return row

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import re
 import dataclasses
@@ -667,14 +668,12 @@ class Studio:
     @uninterrupted
     async def web_member(self, token: str) -> WebMember | None:
         """Who a session cookie belongs to (None: no live session, or a banned member)."""
-        async with self.db.session() as session:
-            row = await sessions.find_session(session, token)
-            if row is None:
-                return None
-            user = await session.get(queue.User, row.user_id)
-            if user is None or user.banned:
-                return None
-            return WebMember(row.user_id, user.display_name, row.verified, row.csrf_token, tuple(row.guild_ids or ()))
+        async with self.db.reading() as connection:
+            row = await sessions.session_member(connection, token)
+        if row is None:
+            return None
+        guild_ids = row.guild_ids if isinstance(row.guild_ids, list) else json.loads(row.guild_ids or "[]")
+        return WebMember(row.user_id, row.display_name, bool(row.verified), row.csrf_token, tuple(guild_ids))
 
     @uninterrupted
     async def sign_out(self, token: str) -> None:

@@ -221,11 +221,16 @@ def test_vary_refuses_a_sliver_instead_of_allocating_gigabytes(data_dir, tmp_pat
     assert result.returncode == 2 and "Downscale it first" in result.stderr, result.stderr[-2000:]
 
 
-def test_pickled_weights_in_a_model_folder_are_refused(data_dir, tmp_path):
+def test_the_cli_loads_a_model_from_a_path_but_not_pickled_weights(data_dir, tmp_path):
     import shutil
 
     folder = tmp_path / "pickled-model"
     shutil.copytree(Path(__file__).parent.parent / "models" / "starter-shapes", folder)
+    # The owner's CLI loads a model from a path (members name registered models only)...
+    made = json.loads(run("imagine", "a cat --steps 2 --n 1", "--model", str(folder), "--json", "--quiet",
+                          data_dir=data_dir).stdout)
+    assert made["parameters"]["model"] == "pickled-model" and len(made["images"]) == 1
+    # ...but not one whose weights are pickles.
     for weights in folder.rglob("*.safetensors"):
         weights.with_suffix(".bin").write_bytes(b"pickle would run here")
         weights.unlink()

@@ -25,6 +25,7 @@ SESSION_COOKIE = "dreamloom_session"
 SIGN_IN_COOKIE = "dreamloom_sign_in"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 STUDIO = web.AppKey("studio", Studio)
+MEMBER = web.RequestKey("member", WebMember)  # absent or None: not signed in
 
 
 def cookie_options(studio: Studio) -> dict:
@@ -35,7 +36,7 @@ def cookie_options(studio: Studio) -> dict:
 
 def member(request: web.Request) -> WebMember | None:
     """The signed-in member (or allowed anonymous visitor) a request comes from, if any."""
-    return request.get("member")
+    return request.get(MEMBER)
 
 
 def read_only_reason(studio: Studio) -> str:
@@ -55,10 +56,10 @@ async def identity(request: web.Request, handler):
     """Looks the session cookie up; where an admin allows anonymous visitors, a page visit gives them a session."""
     studio = request.app[STUDIO]
     token = request.cookies.get(SESSION_COOKIE, "")
-    request["member"] = await studio.web_member(token) if token else None
+    request[MEMBER] = await studio.web_member(token) if token else None
     fresh = None
-    if request["member"] is None and studio.settings.web_allow_anonymous and request.method == "GET" and _is_page(request):
-        fresh, request["member"] = await studio.anonymous_visitor()
+    if request[MEMBER] is None and studio.settings.web_allow_anonymous and request.method == "GET" and _is_page(request):
+        fresh, request[MEMBER] = await studio.anonymous_visitor()
     response = await handler(request)
     if fresh and isinstance(response, web.StreamResponse) and not response.prepared:
         response.set_cookie(SESSION_COOKIE, fresh, max_age=86400, **cookie_options(studio))

@@ -654,3 +654,46 @@ def test_client_addresses_come_from_forwarded_for_only_behind_a_trusted_proxy():
     assert address("10.1.2.3", "198.51.100.1", ["10.0.0.0/8"]) == "198.51.100.1"
     # The client may send its own X-Forwarded-For: the proxy appends; the last untrusted hop is the client.
     assert address("10.1.2.3", "1.2.3.4, 198.51.100.1, 10.9.9.9", ["10.0.0.0/8"]) == "198.51.100.1"
+
+
+def test_where_an_admin_allows_anonymous_visitors_their_web_votes_are_kept_apart(tmp_path):
+    """In process (aiohttp's test client): a visitor gets an anonymous session on their first page, votes with its
+    CSRF token, sees their vote, and the counts do not move."""
+    import io
+
+    from aiohttp.test_utils import TestClient, TestServer
+    from PIL import Image as PILImage
+
+    from gallery.app import create_app
+    from storage import queue
+    from storage.models import Job
+    from tests.aio import run
+
+    async def scenario():
+        studio = await Studio.open(Settings(data_dir=tmp_path, web_allow_anonymous=True))
+        job = await studio.submit_imagine("discord:1", "a red circle --n 1")
+        buffer = io.BytesIO()
+        PILImage.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+        stored = studio.store.put(buffer.getvalue())
+        async with studio.db.session() as session:
+            (await session.get(queue.User, "discord:1")).queued_count -= 1
+            row = await session.get(Job, job.id)
+            row.status, row.lease_owner = "running", "test"
+            await queue.complete(session, job.id, "test", [queue.NewImage(1, 1, 8, 8, stored.sha256, stored.path)], {})
+        image_id = (await studio.job(job.id)).images[0].id
+        client = TestClient(TestServer(create_app(studio)))
+        await client.start_server()
+        try:
+            page = await (await client.get(f"/image/{image_id}")).text()
+            assert "kept apart until you sign in" in page and "read-only" not in page
+            token = re.search(r'<meta name="csrf-token" content="([^"]+)">', page).group(1)
+            answer = await client.post(f"/api/images/{image_id}/vote", json={"value": 1}, headers={"X-CSRF-Token": token})
+            assert answer.status == 200 and await answer.json() == {"up": 0, "down": 0}
+            page = await (await client.get(f"/image/{image_id}")).text()
+            assert 'class="vote on"' in page  # their own vote is shown to them
+            assert (await studio.image_detail(image_id))["up"] == 0
+        finally:
+            await client.close()
+            await studio.close()
+
+    run(scenario())

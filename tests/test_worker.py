@@ -129,9 +129,13 @@ def test_kill_9_mid_queue_then_restart_completes_every_job_exactly_once(tmp_path
     data = tmp_path / "data"
     env = {**os.environ, "DREAMLOOM_DATA_DIR": str(data), "DREAMLOOM_DEVICE": "cpu", "DREAMLOOM_LEASE_SECONDS": "5",
            "HF_HUB_OFFLINE": "1"}
-    for i in range(8):
-        subprocess.run([str(DREAMLOOM), "submit", f"a red circle --steps 40 --seed {i} --n {1 + i % 2}",
-                        "--user", f"user{i % 3}"], env=env, check=True, capture_output=True, timeout=120)
+    async def submit_all():  # in this process: eight `dreamloom submit` runs cost a Python start each
+        studio = await Studio.open(Settings(data_dir=data, registry=TEST_REGISTRY, lease_seconds=5))
+        for i in range(8):
+            await studio.submit_imagine(f"user{i % 3}", f"a red circle --steps 40 --seed {i} --n {1 + i % 2}")
+        await studio.close()
+
+    run(submit_all())
 
     def start():
         return subprocess.Popen([str(DREAMLOOM), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

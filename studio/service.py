@@ -624,8 +624,10 @@ class Studio:
         if not self.settings.sign_in_configured:
             raise NotAllowed("Sign-in is not set up here: the owner sets DREAMLOOM_DISCORD_CLIENT_ID and "
                              "DREAMLOOM_DISCORD_CLIENT_SECRET (see the README, \"Running it in public\").")
-        if not return_to.startswith("/") or return_to.startswith("//") or "\\" in return_to:
-            return_to = "/"  # only pages of this site: never an open redirect
+        if not re.fullmatch(r"/(?![/\\])[!-~]{0,299}", return_to) or "\\" in return_to:
+            # Only pages of this site, in printable ASCII: never an open redirect ("//x", "/\\x", or "/\t/x",
+            # which browsers read as "//x").
+            return_to = "/"
         state = secrets.token_urlsafe(32)
         verifier, challenge = new_pkce_pair()
         async with self.db.session() as session:

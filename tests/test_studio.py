@@ -493,14 +493,21 @@ def test_sign_in_states_work_once_and_sessions_end(database_url, tmp_path):
         assert "scope=identify+guilds" in url and f"state={state}" in url
         with pytest.raises(NotAllowed, match="expired or was already used"):
             await studio.finish_sign_in("not-the-state", "code")
+        from datetime import timedelta
+
         from storage import sessions
 
         async with studio.db.session() as session:
             pending = await sessions.take_sign_in(session, state)
             assert pending.return_to == "/"  # never an open redirect
             assert await sessions.take_sign_in(session, state) is None  # once
+        for hostile in ("/\t/evil.example.com", "/\\evil.example.com", "https://evil.example.com/"):
+            state, _ = await studio.begin_sign_in(hostile)
+            async with studio.db.session() as session:
+                assert (await sessions.take_sign_in(session, state)).return_to == "/", hostile
+        async with studio.db.session() as session:
             token, _ = await sessions.create_session(session, "discord:5", verified=True, guild_ids=["g"],
-                                                     lifetime=__import__("datetime").timedelta(days=1))
+                                                     lifetime=timedelta(days=1))
         member = await studio.web_member(token)
         assert member.user_id == "discord:5" and member.verified and member.guild_ids == ("g",)
         assert await studio.web_member(token + "x") is None

@@ -696,4 +696,6 @@ def test_where_an_admin_allows_anonymous_visitors_their_web_votes_are_kept_apart
             await client.close()
             await studio.close()
 
-    run(scenario())
+    # Its own thread: Playwright's sync API (the browser fixture of this module) keeps a loop running in this one.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(run, scenario()).result()

@@ -36,6 +36,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")  # unpickling can run code: never loaded
+
+
 def _weight_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -60,10 +63,16 @@ def detect_family(path: Path) -> str:
         if class_name not in _FOLDER_CLASSES:
             raise ModelLoadError(f"{path} holds a {class_name}; supported: {', '.join(_FOLDER_CLASSES)}.")
         return _FOLDER_CLASSES[class_name]
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() == ".gguf":
+        raise ModelLoadError(f"{path.name}: GGUF (quantised) checkpoints are not supported yet; use the model's "
+                             ".safetensors file or its diffusers folder.")
+    if path.suffix.lower() in PICKLED_SUFFIXES:
         raise ModelLoadError(
             f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt/.pt files can run code); convert it first."
         )
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"{path.name}: not a checkpoint Dreamloom loads; use a .safetensors file or a diffusers "
+                             "folder.")
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
@@ -100,9 +109,6 @@ def estimate_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
         except Exception:
             total += file.stat().st_size
     return total
-
-
-PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def check_safetensors_only(folder: Path) -> None:

@@ -386,6 +386,13 @@ def _lora_state_dict(pipe, path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     state = load_file(str(path))
+    lycoris = sorted({kind for key in state for kind in ("LoHa", "LoKr")
+                      if (".hada_w" if kind == "LoHa" else ".lokr_w") in key})
+    if lycoris:
+        raise ValueError(f"it is a LyCORIS {' / '.join(lycoris)} file; Dreamloom loads LoRA files (diffusers, peft, "
+                         "kohya / A1111 layouts), not LoHa or LoKr yet")
+    if not state:
+        raise ValueError("it holds no weights")
     if not any(key.startswith(("lora_unet_", "lora_te_")) for key in state):
         return state
     targets = {"lora_unet_": ("unet", pipe.unet)}
@@ -405,6 +412,8 @@ def _lora_state_dict(pipe, path) -> dict[str, torch.Tensor]:
             alpha = float(state.get(key.replace(".lora_down.weight", ".alpha"), torch.tensor(float(rank))))
             converted[f"{component}.{names[flat]}.lora_A.weight"] = down
             converted[f"{component}.{names[flat]}.lora_B.weight"] = up * (alpha / rank)
+    if not converted:  # e.g. only lora_te_ keys on a model without that text encoder: not a silent no-op
+        raise ValueError("none of its weights apply to this model")
     return converted
 
 

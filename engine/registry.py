@@ -96,7 +96,7 @@ class Registry:
         if name_or_path in self.models:
             return self.models[name_or_path]
         looks_like_path = (any(sep in name_or_path for sep in ("/", "\\", "~")) or name_or_path.startswith(".")
-                           or name_or_path.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")))
+                           or name_or_path.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth", ".gguf")))
         if not allow_paths and not looks_like_path:
             return self.get(name_or_path)
         if not allow_paths:

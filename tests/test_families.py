@@ -102,6 +102,15 @@ def test_bad_checkpoints_give_clear_messages(tmp_path):
     pickle.write_bytes(b"\x80\x04not really")
     with pytest.raises(ModelLoadError, match="only .safetensors"):
         detect_family(pickle)
+    gguf = tmp_path / "flux1-dev-Q4_K_S.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(ModelLoadError, match="GGUF .* not supported yet") as refused:
+        detect_family(gguf)
+    assert "pickled" not in str(refused.value)  # not the message meant for pickles
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"onnx")
+    with pytest.raises(ModelLoadError, match="not a checkpoint Dreamloom loads"):
+        detect_family(onnx)
     garbage = tmp_path / "broken.safetensors"
     garbage.write_bytes(b"this is not a safetensors file")
     with pytest.raises(ModelLoadError, match="not a readable"):

@@ -96,6 +96,28 @@ weight = 1.0
     engine.close()
 
 
+def test_lycoris_loha_and_lokr_files_get_a_sentence_not_a_traceback(tmp_path):
+    from dreamloom.errors import ModelLoadError
+
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    files = {"loha": {f"{layer}.hada_w1_a": torch.zeros(4, 2), f"{layer}.hada_w1_b": torch.zeros(2, 4),
+                      f"{layer}.hada_w2_a": torch.zeros(4, 2), f"{layer}.hada_w2_b": torch.zeros(2, 4),
+                      f"{layer}.alpha": torch.tensor(2.0)},
+             "lokr": {f"{layer}.lokr_w1": torch.zeros(2, 2), f"{layer}.lokr_w2": torch.zeros(2, 2)}}
+    extra = ""
+    for name, state in files.items():
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+        extra += f'\n[[loras]]\nname = "{name}"\npath = "{tmp_path / name}.safetensors"\nfamily = "starter"\n'
+    engine = Engine(registry_with(tmp_path, extra), tmp_path / "cache", device="cpu")
+    try:
+        for name, kind in (("loha", "LoHa"), ("lokr", "LoKr")):
+            with pytest.raises(ModelLoadError, match=f"LyCORIS {kind} file; Dreamloom loads LoRA files"):
+                grid(engine, f"a blue star <lora:{name}>")
+        grid(engine, "a blue star")  # the engine goes on
+    finally:
+        engine.close()
+
+
 def _edge_energy(image) -> float:
     """Mean absolute difference between neighbouring pixels: contours raise it."""
     grey = pixels(image).mean(axis=2)

@@ -64,13 +64,30 @@ def read_parameters(image: Image.Image) -> dict[str, Any]:
     text = image.info.get("parameters")
     if not text:
         return result
-    lines = text.split("\n")
-    settings_line = lines[-1] if re.match(r"^Steps: ", lines[-1]) else ""
+    return result | parse_a1111_text(text)
+
+
+# A1111's own parameter pattern (modules/infotext_utils.py): values may be quoted, with commas inside.
+_A1111_PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_a1111_text(text: str) -> dict[str, Any]:
+    """An A1111 `parameters` text as A1111 reads it: the prompt, a negative prompt that may span several lines, and
+    the last line's `Key: value` pairs (quoted values, such as `Lora hashes: "a: 1, b: 2"`, unquoted)."""
+    lines = text.strip().split("\n")
+    settings_line = lines[-1] if len(_A1111_PARAMETER.findall(lines[-1])) >= 3 else ""
     body = lines[:-1] if settings_line else lines
-    prompt_lines = [l for l in body if not l.startswith("Negative prompt: ")]
-    negative = [l[len("Negative prompt: "):] for l in body if l.startswith("Negative prompt: ")]
-    result["prompt"] = "\n".join(prompt_lines)
-    result["negative_prompt"] = negative[0] if negative else ""
-    for key, value in re.findall(r"([A-Za-z][A-Za-z ]*): ([^,]*)(?:,|$)", settings_line):
-        result[key.strip()] = value.strip()
+    prompt, negative, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    result: dict[str, Any] = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    for key, value in _A1111_PARAMETER.findall(settings_line):
+        if value.startswith('"') and value.endswith('"'):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = value[1:-1]
+        result[key.strip()] = value.strip() if isinstance(value, str) else value
     return result

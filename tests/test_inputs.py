@@ -89,6 +89,21 @@ def test_png_carries_a1111_parameters_that_read_back():
     assert parsed["dreamloom"] == {"seed": 8}
 
 
+def test_a1111_text_with_a_multi_line_negative_prompt_and_quoted_values_reads_as_a1111_reads_it():
+    from engine.metadata import parse_a1111_text
+
+    text = ("masterpiece, a castle\nat dusk\nNegative prompt: blurry,\nlow quality, watermark\n"
+            'Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 832x1216, Model hash: 4d1a7c2e3f, '
+            'Lora hashes: "outline: 0123456789ab, night: ba9876543210", Version: v1.10.1')
+    parsed = parse_a1111_text(text)
+    assert parsed["prompt"] == "masterpiece, a castle\nat dusk"
+    assert parsed["negative_prompt"] == "blurry,\nlow quality, watermark"
+    assert parsed["Lora hashes"] == "outline: 0123456789ab, night: ba9876543210"
+    assert parsed["Model hash"] == "4d1a7c2e3f" and parsed["Seed"] == "42" and parsed["Version"] == "v1.10.1"
+    assert parse_a1111_text("just a prompt, no settings") == {"prompt": "just a prompt, no settings",
+                                                             "negative_prompt": ""}
+
+
 def test_loras_are_written_as_a1111_prompt_tags():
     text = a1111_parameters(_settings(loras=(LoraChoice("outline", 0.8), LoraChoice("night", 1.0))), seed=8)
     assert text.splitlines()[0] == "a red circle <lora:outline:0.8> <lora:night:1>"

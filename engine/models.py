@@ -105,7 +105,9 @@ def estimate_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
                     for dim in view.get_shape():
                         numel *= dim
                     stored = view.get_dtype()
-                    total += numel * (target if stored in ("F32", "F16", "BF16", "F64") else _DTYPE_BYTES.get(stored, 4))
+                    # Floating weights load in the compute dtype: fp8 files (1 byte on disk) take 2-4 bytes loaded.
+                    floating = stored in ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2")
+                    total += numel * (target if floating else _DTYPE_BYTES.get(stored, 4))
         except Exception:
             total += file.stat().st_size
     return total

@@ -288,3 +288,19 @@ def test_a_sampler_the_family_cannot_use_is_refused_before_loading(tmp_path):
     spec = ModelSpec("flux-dev", tmp_path / "flux", "flux")
     with pytest.raises(InvalidPrompt, match="does not work with flux"):
         resolve_settings(prompt("a cat --sampler dpmpp_2m"), spec, FAMILIES["flux"])
+
+
+def test_the_memory_estimate_counts_fp8_weights_at_their_loaded_size(tmp_path):
+    """fp8 checkpoints (1 byte a weight on disk) are loaded in the compute dtype: fp16 takes 2 bytes, fp32 4."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.models import estimate_bytes
+    from engine.registry import ModelSpec
+
+    weights = tmp_path / "fp8.safetensors"
+    save_file({"w": torch.zeros(1000, 1000).to(torch.float8_e4m3fn), "steps": torch.zeros(10, dtype=torch.int64)},
+              str(weights))
+    spec = ModelSpec(name="fp8", path=weights, family="sd15")
+    assert estimate_bytes(spec, torch.float16) == 2 * 1_000_000 + 8 * 10
+    assert estimate_bytes(spec, torch.float32) == 4 * 1_000_000 + 8 * 10

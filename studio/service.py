@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from PIL import PngImagePlugin
 from sqlalchemy import select, update
 
 from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
@@ -709,9 +710,16 @@ class Studio:
 
 
 def _encode_to_fit(paths: list[Path], job_id: int, max_bytes: int) -> tuple[str, bytes]:
-    picture = make_grid([open_image(path, max_pixels=8192 * 8192, max_bytes=2**30) for path in paths])
+    images = [open_image(path, max_pixels=8192 * 8192, max_bytes=2**30) for path in paths]
+    picture = make_grid(images)
+    # A PNG keeps the parameters (A1111's `parameters` text, and ours) of its first image, as A1111's own grids do,
+    # so a file saved from Discord opens with its prompt and seed in other tools.
+    info = PngImagePlugin.PngInfo()
+    for key in ("parameters", "dreamloom"):
+        if isinstance(images[0].info.get(key), str):
+            info.add_text(key, images[0].info[key])
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    picture.save(buffer, format="PNG", pnginfo=info)
     if buffer.tell() <= max_bytes:
         return f"dreamloom-{job_id}.png", buffer.getvalue()
     for scale in (1.0, 0.75, 0.5, 0.35, 0.25, 0.125):

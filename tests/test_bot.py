@@ -26,6 +26,7 @@ def test_imagine_from_command_to_grid(engine, tmp_path):
             assert job.status == "done" and job.message_id == message["id"]
             grid = world.image_of(double.file_of(message))
             assert grid.size == (128, 128)
+            assert "Seed: 7" in grid.info["parameters"]  # the file saved from Discord keeps its parameters
             ids = world.custom_ids(message)
             image_ids = [image.id for image in job.images]
             assert ids == [f"dl:u:{i}" for i in image_ids] + [f"dl:r:{job.id}"] + [f"dl:v:{i}" for i in image_ids]

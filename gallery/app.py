@@ -34,6 +34,12 @@ def _wants_json(request: web.Request) -> bool:
     return request.path.startswith("/api/")
 
 
+def _status(error: DreamloomError) -> int:
+    """The HTTP status of a studio error."""
+    return (404 if isinstance(error, NotFound) else 403 if isinstance(error, NotAllowed)
+            else 429 if isinstance(error, LimitReached) else 400)
+
+
 @web.middleware
 async def errors(request: web.Request, handler):
     """The one handler that turns studio errors into 404 / 400 answers (JSON under /api, HTML elsewhere)."""
@@ -42,8 +48,7 @@ async def errors(request: web.Request, handler):
     except web.HTTPException:
         raise
     except DreamloomError as error:
-        status = (404 if isinstance(error, NotFound) else 403 if isinstance(error, NotAllowed)
-                  else 429 if isinstance(error, LimitReached) else 400)
+        status = _status(error)
         if _wants_json(request):
             response = web.json_response({"error": public_message(error)}, status=status)
         else:
@@ -209,7 +214,7 @@ async def imagine_submit(request: web.Request) -> web.StreamResponse:
     except DreamloomError as error:
         response = aiohttp_jinja2.render_template("imagine.html", request, {"prompt": prompt,
                                                                            "error": public_message(error)})
-        response.set_status(429 if isinstance(error, LimitReached) else 403 if isinstance(error, NotAllowed) else 400)
+        response.set_status(_status(error))
         return response
     raise web.HTTPSeeOther(f"/jobs/{job.id}")
 

@@ -10,6 +10,7 @@ import ipaddress
 import math
 import secrets
 import time
+from contextlib import asynccontextmanager
 
 from aiohttp import web
 from limits import parse_many
@@ -87,28 +88,32 @@ async def csrf(request: web.Request, handler):
 async def read_form(request: web.Request):
     """The request's form, read within the body timeout (a client trickling its body is cut off); a body that is
     not a readable form (a broken multipart, bad encoding) is a 400, never a 500."""
-    try:
-        async with asyncio.timeout(request.app[STUDIO].settings.web_body_timeout_s):
+    async with _body_deadline(request):
+        try:
             return await request.post()
-    except web.HTTPException:
-        raise  # too large (413): aiohttp's own answer
-    except TimeoutError:
-        raise web.HTTPRequestTimeout(text="The request body took too long to arrive.") from None
-    except Exception as error:  # aiohttp's multipart parser raises several types for malformed bodies
-        raise InvalidRequest("The form could not be read; send it as a normal HTML form.") from error
+        except web.HTTPException:
+            raise  # too large (413): aiohttp's own answer
+        except Exception as error:  # aiohttp's multipart parser raises several types for malformed bodies
+            raise InvalidRequest("The form could not be read; send it as a normal HTML form.") from error
 
 
 async def read_json(request: web.Request):
     """The request's JSON body within the body timeout; None when it is not JSON."""
+    async with _body_deadline(request):
+        try:
+            return await request.json()
+        except ValueError:  # not JSON, or not UTF-8
+            return None
+
+
+@asynccontextmanager
+async def _body_deadline(request: web.Request):
+    """A request body must arrive within `web_body_timeout_s`; past it the answer is 408."""
     try:
         async with asyncio.timeout(request.app[STUDIO].settings.web_body_timeout_s):
-            return await request.json()
-    except web.HTTPException:
-        raise
+            yield
     except TimeoutError:
         raise web.HTTPRequestTimeout(text="The request body took too long to arrive.") from None
-    except ValueError:  # not JSON, or not UTF-8
-        return None
 
 
 def client_address(request: web.Request) -> str:
@@ -149,10 +154,10 @@ class RateLimits:
 
     async def hit(self, request: web.Request, action: str, what: str) -> None:
         """Count one `action`; past a limit raise LimitReached (429, with Retry-After)."""
-        who = member(request)
-        checks = [(item, f"{action}:member", who.user_id if who else f"address:{client_address(request)}")
+        who, address = member(request), client_address(request)
+        checks = [(item, f"{action}:member", who.user_id if who else f"address:{address}")
                   for item in self.per_member[action]]
-        checks += [(item, "address", client_address(request)) for item in self.per_address]
+        checks += [(item, "address", address) for item in self.per_address]
         for item, namespace, key in checks:
             if not await self.window.test(item, namespace, key):
                 stats = await self.window.get_window_stats(item, namespace, key)

@@ -34,16 +34,6 @@ async def create_session(session: AsyncSession, user_id: str, *, verified: bool,
     return token, row
 
 
-async def find_session(session: AsyncSession, token: str, now: datetime | None = None) -> WebSession | None:
-    """The live session a cookie names, or None (unknown, malformed or expired)."""
-    if not token or len(token) > 100:
-        return None
-    row = await session.get(WebSession, token_hash(token))
-    if row is None or row.expires_at <= (now or utcnow()):
-        return None
-    return row
-
-
 async def session_member(connection: AsyncConnection, token: str, now: datetime | None = None):
     """One read for every web request with a cookie: the live session's member (user id, display name, verified,
     CSRF token, server ids), or None (unknown, expired, or a banned member). Takes no write lock."""
@@ -91,9 +81,3 @@ async def take_sign_in(session: AsyncSession, state: str) -> SignIn | None:
     if taken.rowcount != 1:
         return None
     return row if row.created_at > utcnow() - SIGN_IN_TTL else None
-
-
-async def live_sessions(session: AsyncSession, user_id: str) -> list[WebSession]:
-    """A member's sessions that have not expired (for tests and admins)."""
-    return list((await session.scalars(select(WebSession).where(WebSession.user_id == user_id,
-                                                                  WebSession.expires_at > utcnow()))).all())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 import re
 import dataclasses
@@ -675,8 +674,7 @@ class Studio:
             row = await sessions.session_member(connection, token)
         if row is None:
             return None
-        guild_ids = row.guild_ids if isinstance(row.guild_ids, list) else json.loads(row.guild_ids or "[]")
-        return WebMember(row.user_id, row.display_name, bool(row.verified), row.csrf_token, tuple(guild_ids))
+        return WebMember(row.user_id, row.display_name, bool(row.verified), row.csrf_token, tuple(row.guild_ids or ()))
 
     @uninterrupted
     async def sign_out(self, token: str) -> None:

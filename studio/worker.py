@@ -83,11 +83,9 @@ class Worker:
             message = "Interrupted by a shutdown; it will run again." if requeue else "Cancelled while it ran."
             await self._end(job.id, message, retry=requeue, cancelled=not requeue)
         except EngineUnavailable as error:
-            log.warning("job %s: %s", job.id, error)
-            await self._end(job.id, public_message(error), retry=True)
+            await self._end(job.id, str(error), retry=True)
         except DreamloomError as error:
-            log.warning("job %s: %s", job.id, error)  # the full message for the owner; members see paths hidden
-            await self._end(job.id, public_message(error), retry=False)
+            await self._end(job.id, str(error), retry=False)
         except Exception:
             log.exception("job %s failed", job.id)
             await self._end(job.id, "Internal error while generating; it will be retried.", retry=True)
@@ -114,10 +112,13 @@ class Worker:
 
     @uninterrupted
     async def _end(self, job_id: int, message: str, *, retry: bool, cancelled: bool = False) -> None:
+        """Record how a job ended. Members see the message with server paths hidden (in Discord and on the job page);
+        the log keeps it whole for the owner."""
+        shown = public_message(message)
         async with self.studio.db.session() as session:
-            status = await queue.fail(session, job_id, self.worker_id, message, retry=retry, cancelled=cancelled)
+            status = await queue.fail(session, job_id, self.worker_id, shown, retry=retry, cancelled=cancelled)
         if status in ("failed", "cancelled"):
-            self.studio.publish(ProgressEvent(job_id, status, message=message))
+            self.studio.publish(ProgressEvent(job_id, status, message=shown))
         log.info("job %s %s: %s", job_id, {"queued": "queued again", None: "ended elsewhere"}.get(status, status), message)
 
     async def _watch_cancel(self, job_id: int, cancel: threading.Event, finished: asyncio.Event) -> None:

@@ -659,28 +659,16 @@ def test_client_addresses_come_from_forwarded_for_only_behind_a_trusted_proxy():
 def test_where_an_admin_allows_anonymous_visitors_their_web_votes_are_kept_apart(tmp_path):
     """In process (aiohttp's test client): a visitor gets an anonymous session on their first page, votes with its
     CSRF token, sees their vote, and the counts do not move."""
-    import io
-
     from aiohttp.test_utils import TestClient, TestServer
-    from PIL import Image as PILImage
 
     from gallery.app import create_app
-    from storage import queue
-    from storage.models import Job
     from tests.aio import run
+    from tests.test_studio import finish
 
     async def scenario():
         studio = await Studio.open(Settings(data_dir=tmp_path, web_allow_anonymous=True))
         job = await studio.submit_imagine("discord:1", "a red circle --n 1")
-        buffer = io.BytesIO()
-        PILImage.new("RGB", (8, 8), "red").save(buffer, format="PNG")
-        stored = studio.store.put(buffer.getvalue())
-        async with studio.db.session() as session:
-            (await session.get(queue.User, "discord:1")).queued_count -= 1
-            row = await session.get(Job, job.id)
-            row.status, row.lease_owner = "running", "test"
-            await queue.complete(session, job.id, "test", [queue.NewImage(1, 1, 8, 8, stored.sha256, stored.path)], {})
-        image_id = (await studio.job(job.id)).images[0].id
+        image_id, = await finish(studio, job.id, count=1)
         client = TestClient(TestServer(create_app(studio)))
         await client.start_server()
         try:

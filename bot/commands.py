@@ -69,13 +69,14 @@ class AdminCommands(app_commands.Group):
         await self._update(interaction, max_queued_per_user=queued or None, daily_quota=daily or None)
 
     @app_commands.command(name="learn", description="Learn the next house style of a model from this community's votes")
-    @app_commands.describe(model="The base model (default: the default model)", objective="kto: 👍 and 👎; sft: 👍 only",
+    @app_commands.describe(model="The base model (default: the default model)", objective="kto: 👍 and 👎 per image; dpo: 👍 against 👎 of the same prompt; sft: 👍 only",
                            steps="Training steps (more: a stronger style, longer)")
     async def learn(self, interaction: discord.Interaction, model: app_commands.Range[str, 1, 200] | None = None,
-                    objective: Literal["kto", "sft"] = "kto", steps: app_commands.Range[int, 10, 5000] = 200) -> None:
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        view = await self.bot.studio.learn(model, objective=objective, steps=steps)
-        await interaction.followup.send(render.style_line(view), ephemeral=True)
+                    objective: Literal["kto", "dpo", "sft"] = "kto", steps: app_commands.Range[int, 10, 5000] = 200) -> None:
+        guild = str(interaction.guild_id) if interaction.guild_id else None
+        await self.bot.start_job(interaction, lambda: self.bot.studio.submit_learn(
+            user_key(interaction.user), model, objective=objective, steps=steps, guild_id=guild,
+            channel_id=str(interaction.channel_id)))
 
     @app_commands.command(name="styles", description="Learned house styles: list, activate (roll back) or retire")
     async def styles(self, interaction: discord.Interaction, activate: app_commands.Range[str, 1, 160] | None = None,
@@ -199,9 +200,9 @@ def register_commands(bot) -> None:
             await interaction.response.send_message(render.clip("\n".join([*lines, f"For a new one: {needs}"])),
                                                     ephemeral=True)
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        view = await studio.learn(name, voter=member)
-        await interaction.followup.send(render.style_line(view) + " Use it with --p.", ephemeral=True)
+        guild = str(interaction.guild_id) if interaction.guild_id else None
+        await bot.start_job(interaction, lambda: studio.submit_learn(member, name, voter=member, guild_id=guild,
+                                                                     channel_id=str(interaction.channel_id)))
 
     @tree.command(name="help", description="Prompt syntax, buttons and reactions")
     async def help_command(interaction: discord.Interaction) -> None:

@@ -85,7 +85,7 @@ async def follow_job(bot, post, job_id: int) -> None:
                 continue
             if event.kind == "step" and time.monotonic() - last_edit >= bot.settings.discord_progress_interval_s:
                 last_edit = time.monotonic()
-                fields: dict[str, Any] = {"content": render.progress(job, event.step, event.total)}
+                fields: dict[str, Any] = {"content": render.progress(job, event.step, event.total, event.message)}
                 if event.preview_png:
                     fields["attachments"] = [_file("progress.png", event.preview_png)]
                 await _best_effort(post, fields)
@@ -107,7 +107,8 @@ async def deliver_result(bot, post, job) -> None:
     if job.status == "done":
         name, data = await bot.studio.result_file(job.id, int(bot.settings.discord_upload_limit_mb * 2**20))
         fields["attachments"] = [_file(name, data)]
-        fields["view"] = grid_view(job) if len(job.images) > 1 else image_view(job.images[0].id)
+        if job.images:  # a learning job's picture has no buttons
+            fields["view"] = grid_view(job) if len(job.images) > 1 else image_view(job.images[0].id)
     for attempt in range(FINAL_ATTEMPTS):
         try:
             _rewind(fields)

@@ -46,14 +46,19 @@ def queued(job) -> str:
     return f"{headline(job)} (queued: position {job.position}{eta})"
 
 
-def progress(job, step: int, total: int) -> str:
-    """A running job."""
+def progress(job, step: int, total: int, detail: str = "") -> str:
+    """A running job (a learning job adds its loss)."""
     percent = round(100 * step / total) if total else 0
-    return f"{headline(job)} ({percent}%, step {step}/{total})"
+    extra = f", {detail}" if detail else ""
+    return f"{headline(job)} ({percent}%, step {step}/{total}{extra})"
 
 
 def finished(job) -> str:
     """A job that ended: done, failed or cancelled."""
+    if job.status == "done" and job.kind == "learn":
+        summary = (job.settings or {}).get("summary", "")
+        return clip(f"{headline(job)} (job {job.id})\n{summary}\nTop row: the base; bottom row: the learned style, "
+                    "on held-out prompts and the same seeds.")
     if job.status == "done":
         model = f" · {job.model}" if job.model else ""
         return clip(f"{headline(job)} (job {job.id} · seed {job.seed}{model})")

@@ -207,6 +207,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker, functools.partial(method, *args, **kwargs))
 
+    async def call_async(self, work, *args, **kwargs):
+        """Run other blocking GPU work (a slice of training) on the engine's thread: it takes turns with
+        generations and never overlaps them."""
+        return await self._async(work, *args, **kwargs)
+
     async def imagine_async(self, request: ImagineRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
         """`imagine` on the engine's worker thread."""
         return await self._async(self.imagine, request, on_step, cancel)

@@ -86,3 +86,14 @@ async def rated_images(session: AsyncSession, model: str, *, voter: str | None =
     return [RatedImage(image.id, image.path, image.sha256, job.prompt,
                        tuple(str(lora.get("name", "")) for lora in job.loras or []), int(ups > downs), ups, downs, at,
                        job.prompt in held) for image, job, ups, downs, at in found]
+
+
+async def verified_votes_since(session: AsyncSession, model: str, since: datetime | None) -> int:
+    """Verified votes on finished images of `model` cast after `since` (all of them when None): what a scheduled
+    learning run waits for."""
+    statement = (select(func.count()).select_from(Vote).join(Image, Vote.image_id == Image.id)
+                 .join(Job, Image.job_id == Job.id)
+                 .where(Vote.verified.is_(True), Job.status == "done", Job.model == model))
+    if since is not None:
+        statement = statement.where(Vote.created_at > since)
+    return int(await session.scalar(statement) or 0)

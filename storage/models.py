@@ -9,7 +9,7 @@ from sqlalchemy.sql.expression import true as sa_true
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_KINDS = ("imagine", "upscale", "vary", "reroll")
+JOB_KINDS = ("imagine", "upscale", "vary", "reroll", "learn")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 
 

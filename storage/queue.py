@@ -126,8 +126,10 @@ async def record_finished(session: AsyncSession, new: NewJob, settings: dict[str
     return job
 
 
-async def _next_candidate(session: AsyncSession, lock: bool) -> int | None:
+async def _next_candidate(session: AsyncSession, lock: bool, exclude_kinds: tuple[str, ...] = ()) -> int | None:
     def first(statement):
+        if exclude_kinds:
+            statement = statement.where(Job.kind.not_in(exclude_kinds))
         statement = statement.limit(1)
         return statement.with_for_update(skip_locked=True) if lock else statement
 
@@ -148,15 +150,16 @@ async def _next_candidate(session: AsyncSession, lock: bool) -> int | None:
 
 
 async def claim(session: AsyncSession, worker: str, lease_seconds: float, *, lock: bool = False,
-                now: datetime | None = None) -> Job | None:
+                now: datetime | None = None, exclude_kinds: tuple[str, ...] = ()) -> Job | None:
     """Take the next job under a lease, or None when the queue is empty.
 
     `lock=True` (PostgreSQL) selects with FOR UPDATE SKIP LOCKED so concurrent workers never
-    wait on each other; on SQLite the conditional UPDATE below is the atomic step.
+    wait on each other; on SQLite the conditional UPDATE below is the atomic step. `exclude_kinds`: what a
+    worker already running a job of that kind (a learning job between its slices) must not take.
     """
     now = now or utcnow()
     for _ in range(8):
-        job_id = await _next_candidate(session, lock)
+        job_id = await _next_candidate(session, lock, exclude_kinds)
         if job_id is None:
             return None
         # The conditional UPDATE is the claim; RETURNING hands back the row without another round trip.
@@ -215,6 +218,24 @@ async def fail(session: AsyncSession, job_id: int, worker: str, error: str, *, r
     else:
         job.finished_at = utcnow()
     return status
+
+
+async def release(session: AsyncSession, job_id: int, worker: str, note: str) -> bool:
+    """Put a running job back in the queue without counting the run as an attempt (a learning job paused at a
+    checkpoint by a shutdown resumes from it later)."""
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != "running" or job.lease_owner != worker:
+        return False
+    job.status, job.error, job.attempts = "queued", note, max(0, job.attempts - 1)
+    job.lease_owner = job.lease_expires_at = None
+    await session.execute(update(User).where(User.id == job.user_id).values(queued_count=User.queued_count + 1))
+    return True
+
+
+async def record_progress(session: AsyncSession, job_id: int, worker: str, progress: dict[str, Any]) -> None:
+    """Keep a long job's progress on its row, where other processes (the CLI, another front door) read it."""
+    await session.execute(update(Job).where(Job.id == job_id, Job.status == "running", Job.lease_owner == worker)
+                          .values(settings={"progress": progress}))
 
 
 async def requeue_orphans(session: AsyncSession, *, owner_prefix: str | None = None, now: datetime | None = None) -> list[int]:

@@ -312,9 +312,14 @@ def cmd_learn(args, settings) -> dict[str, Any]:
     import sys
 
     async def work(studio):
-        view = await studio.learn(args.model, voter=args.user, objective=args.objective, steps=args.steps,
-                                  log_line=lambda line: print(line, file=sys.stderr, flush=True))
-        return view.to_dict()
+        if args.now:
+            view = await studio.learn(args.model, voter=args.user, objective=args.objective, steps=args.steps,
+                                      log_line=lambda line: print(line, file=sys.stderr, flush=True))
+            return view.to_dict()
+        job = await studio.submit_learn("cli:owner", args.model, voter=args.user, objective=args.objective,
+                                        steps=args.steps)
+        return job.to_dict() | {"note": "`dreamloom serve` runs it between generations; `dreamloom jobs` shows its "
+                                        f"progress and `dreamloom cancel {job.id}` stops it."}
 
     return asyncio.run(_with_studio(settings, work))
 
@@ -384,6 +389,8 @@ def _human(command: str, document: dict[str, Any]) -> str:
                           *(f"  - {reason}" for reason in document["reasons"])])
     if command == "train-lora":
         return f"wrote {document['out']} ({document['steps']} steps on {document['images']} images, loss {document['first_loss']} -> {document['last_loss']})"
+    if command == "learn" and "kind" in document and document["kind"] == "learn":
+        return f"queued learning job {document['id']}: {document['raw_prompt']}\n{document['note']}"
     if command == "learn":
         evaluation = document["evaluation"]
         verdict = "now active" if document["status"] == "active" else evaluation.get("not_promoted", document["status"])
@@ -408,7 +415,7 @@ def _human(command: str, document: dict[str, Any]) -> str:
         return f"exported {_count(document['images'], 'image')}{pairs} ({document['format']}) to {document['folder']}"
     if command == "jobs":
         return "\n".join(f"{j['id']:>6}  {j['status']:<9} {j['kind']:<8} {j['user_id']:<16} {j['raw_prompt'][:60]}"
-                         for j in document["jobs"]) or "no jobs"
+                         + _learning_progress(j) for j in document["jobs"]) or "no jobs"
     if command in ("submit", "show", "cancel"):
         lines = [f"job {document['id']}: {document['status']} ({document['kind']}, model {document['model']}, seed {document['seed']})"]
         if document.get("position") is not None:
@@ -417,6 +424,9 @@ def _human(command: str, document: dict[str, Any]) -> str:
             lines.append(document["error"] if document["status"] == "cancelled" else f"error: {document['error']}")
         if document.get("note"):
             lines.append(document["note"])
+        if document["kind"] == "learn":
+            settings = document.get("settings") or {}
+            lines.append(settings.get("summary") or _learning_progress(document).strip() or "not started")
         lines += [f"image {i['id']} (#{i['index']}, seed {i['seed']}, {i['up']} up / {i['down']} down): {i['path']}"
                   for i in document["images"]]
         return "\n".join(lines)
@@ -444,6 +454,15 @@ def _human(command: str, document: dict[str, Any]) -> str:
     if document.get("published"):
         lines.append(f"in the gallery as job {document['published']['job']}: {document['published']['gallery']}")
     return "\n".join(lines)
+
+
+def _learning_progress(job: dict[str, Any]) -> str:
+    """`  step 40/200, loss 0.4123` for a learning job that has started; `` otherwise."""
+    progress = (job.get("settings") or {}).get("progress") if job["kind"] == "learn" else None
+    if not progress:
+        return ""
+    loss = f", loss {progress['loss']:.4f}" if progress.get("loss") is not None else ""
+    return f"  step {progress['step']}/{progress['steps']}{loss}"
 
 
 def _count(number: int, noun: str) -> str:
@@ -541,9 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     learn = add("learn", "Learn a base model's house style (or a member's --p style) from verified votes.")
     learn.add_argument("--model", help="the base model (default: the registry's default)")
     learn.add_argument("--user", help="a member (discord:ID): their personal style from their own ratings")
-    learn.add_argument("--objective", choices=["kto", "sft"], default="kto",
+    learn.add_argument("--objective", choices=["kto", "dpo", "sft"], default="kto",
                        help="kto: liked and disliked images (Diffusion-KTO); sft: liked images only")
-    learn.add_argument("--steps", type=int, default=200)
+    learn.add_argument("--steps", type=int, help="training steps (default: the learn_steps setting, 200)")
+    learn.add_argument("--now", action="store_true",
+                       help="train here and now instead of queueing a job for `dreamloom serve`")
     styles = add("styles", "List learned styles; activate (roll back or forward), deactivate or retire one.")
     styles.add_argument("--model")
     styles.add_argument("--user")

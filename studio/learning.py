@@ -12,21 +12,51 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
 
-from dreamloom.errors import InvalidPrompt, InvalidRequest, NotFound
+from dreamloom.errors import InvalidPrompt, InvalidRequest, LimitReached, NotFound
 from engine.params import LoraChoice, PromptRequest
 from engine.registry import LoraSpec, ModelSpec, Registry
-from storage.learning import RatedImage, rated_images
-from storage.models import LearnedStyle, utcnow
+from storage.database import uninterrupted
+from storage.learning import RatedImage, rated_images, verified_votes_since
+from storage.models import Job, LearnedStyle, utcnow
 
 log = logging.getLogger(__name__)
 
 MIN_HOUSE = 8  # liked and disliked images each, with verified votes, before a house style is learned
 MIN_PERSONAL = 8  # a member's own ratings, liked and disliked each, before their --p is learned
 TRAINABLE_FAMILIES = ("starter", "sd15")  # the trainer's UNet + one CLIP text encoder
+OBJECTIVES = ("kto", "dpo", "sft")  # engine.training.learn_style's, named here so checks need no torch
+
+
+@dataclass
+class LearningPlan:
+    """A learning run before its first step: what it learns from and what it will be called."""
+
+    spec: ModelSpec
+    kind: str  # house | personal
+    voter: str | None
+    name: str
+    version: int
+    folder: Path
+    objective: str
+    steps: int
+    train: list[Any]  # engine.training.learn_style.StyleExample
+    held_out: list[Any]
+    liked: int
+    disliked: int
+    votes_from: datetime
+    votes_to: datetime
+    held_out_prompts: int
+
+    @property
+    def out(self) -> Path:
+        """The LoRA file."""
+        return self.folder / f"{self.name}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -56,6 +86,16 @@ class StyleView:
     def to_dict(self) -> dict[str, Any]:
         """JSON for the CLI and the web."""
         return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """One sentence for a finished learning job: what was learned and whether it is in use."""
+        accuracy = self.evaluation.get("held_out_accuracy")
+        scored = f"held-out accuracy {accuracy:.2f} against the base's 0.50" if accuracy is not None else "not evaluated"
+        whose = "house style" if self.kind == "house" else "personal style (--p)"
+        if self.status == "active":
+            return f"{self.name} is now the active {whose} of {self.base_model} ({scored})."
+        reason = self.evaluation.get("not_promoted", self.status)
+        return f"{self.name} was learned but is not in use: {reason} ({scored})."
 
 
 def _safe(text: str) -> str:
@@ -130,17 +170,11 @@ class LearningMixin:
 
     # -- learning ------------------------------------------------------------------------------------
 
-    async def learn(self, model: str | None = None, *, voter: str | None = None, objective: str = "kto",
-                    steps: int = 200, device: str | None = None, log_line=None) -> StyleView:
-        """Learn the next version of a base model's house style (or `voter`'s personal style) from verified votes:
-        gather and split the data, train, evaluate on held-out prompts, keep the files and the version, and make it
-        the active one if it ranks held-out liked images above disliked ones more often than the base does."""
-        from engine.training.learn_style import StyleExample, train_style  # torch, loaded only to learn
-
+    async def _rated(self, model: str | None, voter: str | None) -> tuple[ModelSpec, list[RatedImage]]:
+        """The base model and its rated images, or a sentence saying what is missing."""
         spec = self.registry.get(model) if model else self.registry.get(self.registry.default)
         if spec.family not in TRAINABLE_FAMILIES:
             raise InvalidRequest(f"Learning a style trains SD1.5-family models for now; {spec.name} is {spec.family}.")
-        kind = "personal" if voter else "house"
         async with self.db.session() as session:
             rows = await rated_images(session, spec.name, voter=voter)
         liked = sum(row.label for row in rows)
@@ -150,58 +184,165 @@ class LearningMixin:
             whose = "your" if voter else "the community's"
             raise InvalidRequest(f"Too few ratings to learn {whose} style for {spec.name}: {liked} liked and {disliked} "
                                  f"disliked images with verified votes; at least {minimum} of each are needed.")
+        return spec, rows
+
+    async def plan_learning(self, model: str | None = None, *, voter: str | None = None, objective: str = "kto",
+                            steps: int | None = None) -> LearningPlan:
+        """Everything a learning run needs before its first step: the data (captions without trigger words, split
+        by prompt), the next version's name and folder."""
+        if objective not in OBJECTIVES:
+            raise InvalidRequest(f"The objective is one of {', '.join(OBJECTIVES)}; got {objective!r}.")
+        spec, rows = await self._rated(model, voter)
+        kind = "personal" if voter else "house"
         triggers = {word.lower() for row in rows for name in row.loras if name in self.registry.loras
                     for word in self.registry.loras[name].triggers}
 
-        def example(row: RatedImage) -> StyleExample:
+        def examples(held_out: bool):
             from engine.images import open_image
+            from engine.training.learn_style import StyleExample  # torch, loaded only to learn
 
-            return StyleExample(open_image(self.store.read(row.path)), strip_triggers(row.prompt, triggers), row.label)
+            return [StyleExample(open_image(self.store.read(row.path)), strip_triggers(row.prompt, triggers), row.label)
+                    for row in rows if row.held_out == held_out]
 
-        train = [example(row) for row in rows if not row.held_out]
-        held_out = [example(row) for row in rows if row.held_out]
+        train, held_out = await asyncio.to_thread(examples, False), await asyncio.to_thread(examples, True)
         async with self.db.session() as session:
-            owner = voter if voter else None
             latest = await session.scalar(select(func.max(LearnedStyle.version)).where(
                 LearnedStyle.kind == kind, LearnedStyle.base_model == spec.name,
-                LearnedStyle.owner_id.is_(None) if owner is None else LearnedStyle.owner_id == owner))
+                LearnedStyle.owner_id.is_(None) if voter is None else LearnedStyle.owner_id == voter))
         version = (latest or 0) + 1
         name = f"house-{_safe(spec.name)}-v{version}" if kind == "house" else f"p-{_safe(voter)}-{_safe(spec.name)}-v{version}"
-        folder = self.settings.data_dir / "styles" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        out = folder / f"{name}.safetensors"
-        extra = {"dreamloom.kind": kind, "dreamloom.base_model": spec.name, "dreamloom.version": str(version)}
-        report = await asyncio.to_thread(
-            train_style, train, held_out, spec, out, objective=objective, steps=steps,
-            device=device or self.settings.device or "cpu", cache_dir=self.settings.cache_dir, title=name,
-            extra_metadata=extra, log=log_line or (lambda line: log.info("%s", line)))
-        evaluation = report.to_dict() | {"held_out_prompts": len({row.prompt for row in rows if row.held_out})}
-        evaluation.pop("out", None)
+        liked = sum(row.label for row in rows)
+        voted = [row.voted_at for row in rows]
+        return LearningPlan(spec, kind, voter, name, version, self.settings.data_dir / "styles" / name, objective,
+                            steps or self.settings.learn_steps, train, held_out, liked, len(rows) - liked,
+                            min(voted), max(voted), len({row.prompt for row in rows if row.held_out}))
+
+    def start_training(self, plan: LearningPlan, device: str):
+        """The trainer of a plan (loads the base and encodes the images: blocking, on the GPU thread)."""
+        from engine.training.learn_style import StyleTrainer
+
+        return StyleTrainer(plan.train, plan.held_out, plan.spec, objective=plan.objective, steps=plan.steps,
+                            device=device, cache_dir=self.settings.cache_dir)
+
+    def finish_training(self, plan: LearningPlan, trainer) -> dict[str, Any]:
+        """Evaluate a trained candidate and write its files: the LoRA (kohya layout, with its data and evaluation in
+        the metadata), report.json, loss.png and before-after.png. Blocking, on the GPU thread."""
         from engine.training.learn_style import loss_curve_png
 
-        await asyncio.to_thread(loss_curve_png, report.losses, folder / "loss.png")
-        (folder / "report.json").write_text(json.dumps(evaluation, indent=2))
-        voted = [row.voted_at for row in rows]
-        async with self.db.session() as session:
-            row = LearnedStyle(name=name, kind=kind, base_model=spec.name, owner_id=voter, version=version,
-                               path=out.relative_to(self.settings.data_dir).as_posix(), objective=objective, steps=steps,
-                               weight=1.0, status="candidate", liked=liked, disliked=disliked,
-                               votes_from=min(voted), votes_to=max(voted), evaluation=evaluation)
-            session.add(row)
-            await session.flush()
-            if report.beats_base:
-                await self._activate(session, row)
-            elif not report.held_out_liked or not report.held_out_disliked:
+        accuracy = trainer.evaluate()
+        plan.folder.mkdir(parents=True, exist_ok=True)
+        extra = {"dreamloom.kind": plan.kind, "dreamloom.base_model": plan.spec.name, "dreamloom.version": str(plan.version),
+                 "dreamloom.votes_from": plan.votes_from.isoformat(timespec="seconds"),
+                 "dreamloom.votes_to": plan.votes_to.isoformat(timespec="seconds"),
+                 "dreamloom.rated_images": f"{plan.liked} liked, {plan.disliked} disliked"}
+        report = trainer.save(plan.out, accuracy=accuracy, title=plan.name, extra_metadata=extra)
+        evaluation = report.to_dict() | {"held_out_prompts": plan.held_out_prompts}
+        evaluation.pop("out", None)
+        loss_curve_png(report.losses, plan.folder / "loss.png")
+        prompts = list(dict.fromkeys(e.caption for e in plan.held_out))[:4] or \
+            list(dict.fromkeys(e.caption for e in plan.train))[:4]
+        trainer.before_after_png(plan.folder / "before-after.png", prompts)
+        evaluation["files"] = ["loss.png", "before-after.png", "report.json", plan.out.name]
+        if not report.beats_base:
+            if not report.held_out_liked or not report.held_out_disliked:
                 evaluation["not_promoted"] = ("the held-out prompts lack liked or disliked images to evaluate it on "
                                               "(ratings on more prompts are needed): kept as a candidate")
             else:
-                evaluation["not_promoted"] = (f"held-out accuracy {report.held_out_accuracy:.2f} does not beat the base's "
-                                              "0.50: kept as a candidate")
-                row.evaluation = evaluation
+                evaluation["not_promoted"] = (f"held-out accuracy {report.held_out_accuracy:.2f} does not beat the "
+                                              "base's 0.50: kept as a candidate")
+        (plan.folder / "report.json").write_text(json.dumps(evaluation, indent=2))
+        return evaluation
+
+    async def register_learned(self, plan: LearningPlan, evaluation: dict[str, Any]) -> StyleView:
+        """Keep a trained version in the database; it becomes the active one if it beats the base."""
+        async with self.db.session() as session:
+            row = LearnedStyle(name=plan.name, kind=plan.kind, base_model=plan.spec.name, owner_id=plan.voter,
+                               version=plan.version, path=plan.out.relative_to(self.settings.data_dir).as_posix(),
+                               objective=plan.objective, steps=plan.steps, weight=1.0, status="candidate",
+                               liked=plan.liked, disliked=plan.disliked, votes_from=plan.votes_from,
+                               votes_to=plan.votes_to, evaluation=evaluation)
+            session.add(row)
+            await session.flush()
+            if evaluation.get("beats_base"):
+                await self._activate(session, row)
             view = StyleView.of(row)
         await self.load_learned_styles()
-        log.info("learned %s: %s, held-out accuracy %.3f (%s)", name, objective, report.held_out_accuracy, view.status)
+        log.info("learned %s: %s, held-out accuracy %.3f (%s)", plan.name, plan.objective,
+                 evaluation.get("held_out_accuracy", 0.5), view.status)
         return view
+
+    async def learn(self, model: str | None = None, *, voter: str | None = None, objective: str = "kto",
+                    steps: int | None = None, device: str | None = None, log_line=None) -> StyleView:
+        """Learn the next version of a base model's house style (or `voter`'s personal style) now, in this process
+        (the owner's `dreamloom learn --now`; members and admins queue a learning job with `submit_learn`)."""
+        plan = await self.plan_learning(model, voter=voter, objective=objective, steps=steps)
+        say = log_line or (lambda line: log.info("%s", line))
+
+        def run() -> dict[str, Any]:
+            trainer = self.start_training(plan, device or self.settings.device or "cpu")
+            trainer.train(on_step=lambda p: say(json.dumps({"stage": "learn", "step": p.step, "steps": p.steps,
+                                                            "loss": round(p.loss, 6)}))
+                          if p.step % 25 == 1 or p.step == p.steps else None)
+            return self.finish_training(plan, trainer)
+
+        return await self.register_learned(plan, await asyncio.to_thread(run))
+
+    @uninterrupted
+    async def submit_learn(self, user_id: str, model: str | None = None, *, voter: str | None = None,
+                           objective: str = "kto", steps: int | None = None, guild_id: str | None = None,
+                           channel_id: str | None = None) -> Any:
+        """Queue a learning job (house style, or `voter`'s personal style): checked now, so too few ratings are
+        answered at once; one such job per style at a time."""
+        if objective not in OBJECTIVES:
+            raise InvalidRequest(f"The objective is one of {', '.join(OBJECTIVES)}; got {objective!r}.")
+        spec, _ = await self._rated(model, voter)
+        steps = steps or self.settings.learn_steps
+        kind = "personal" if voter else "house"
+        async with self.db.session() as session:
+            waiting = (await session.scalars(select(Job).where(
+                Job.kind == "learn", Job.model == spec.name, Job.status.in_(("queued", "running"))))).all()
+        for job in waiting:
+            if job.parameters.get("voter") == voter:
+                raise LimitReached(f"The {kind} style of {spec.name} is already being learned (job {job.id}); "
+                                   "follow it with /info or `dreamloom show`.")
+        whose = f"{voter}'s personal style" if voter else "the house style"
+        text = f"learn {whose} of {spec.name} ({objective}, {steps} steps)"
+        from storage import queue
+
+        return await self._enqueue(queue.NewJob(
+            kind="learn", user_id=user_id, raw_prompt=text, prompt=text, model=spec.name, guild_id=guild_id,
+            channel_id=channel_id, max_attempts=self.settings.max_attempts,
+            parameters={"voter": voter, "objective": objective, "steps": steps},
+            route_reason=f"learning from {'their own' if voter else 'verified'} votes"))
+
+    def learning_checkpoint(self, job_id: int) -> Path:
+        """Where a learning job keeps its checkpoint between slices (and across restarts)."""
+        return self.settings.data_dir / "styles" / ".checkpoints" / f"job-{job_id}.pt"
+
+    async def due_house_styles(self, now: datetime | None = None) -> list[str]:
+        """Base models whose house style is due under `learn_every`: the last version is older than the interval
+        (or there is none) and at least `learn_min_new_votes` verified votes came since; none queued already."""
+        interval = self.settings.learn_interval
+        if interval is None:
+            return []
+        now = now or utcnow()
+        due = []
+        async with self.db.session() as session:
+            for spec in self.registry.models.values():
+                if spec.family not in TRAINABLE_FAMILIES:
+                    continue
+                last = await session.scalar(select(func.max(LearnedStyle.created_at)).where(
+                    LearnedStyle.kind == "house", LearnedStyle.base_model == spec.name))
+                if last is not None and now - last < interval:
+                    continue
+                busy = await session.scalar(select(func.count()).select_from(Job).where(
+                    Job.kind == "learn", Job.model == spec.name, Job.status.in_(("queued", "running"))))
+                if busy:
+                    continue
+                new_votes = await verified_votes_since(session, spec.name, last)
+                if new_votes >= self.settings.learn_min_new_votes:
+                    due.append(spec.name)
+        return due
 
     async def _activate(self, session, row: LearnedStyle) -> None:
         await session.execute(update(LearnedStyle).where(

@@ -601,6 +601,11 @@ class Studio(LearningMixin):
         """A finished job's images as one file for chat (a 2x2 grid, or the single image), re-encoded to fit
         `max_bytes`: PNG when it fits, else WebP at falling quality, then smaller."""
         view = await self.job(job_id)
+        if view.kind == "learn" and view.status == "done" and (view.settings or {}).get("before_after"):
+            # A learning job's picture: the base and the learned style on the same held-out prompts and seeds.
+            sheet = self.settings.data_dir / view.settings["before_after"]
+            if sheet.is_file():
+                return await asyncio.to_thread(_encode_to_fit, [sheet], job_id, max_bytes)
         if view.status != "done" or not view.images:
             raise InvalidRequest(f"Job {job_id} has no images yet.")
         return await asyncio.to_thread(_encode_to_fit, [image.path for image in view.images], job_id, max_bytes)

@@ -6,9 +6,11 @@ Precedence: explicit arguments > environment variables > the TOML file
 from __future__ import annotations
 
 import os
+import re
+from datetime import timedelta
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from dreamloom.errors import ConfigError
@@ -99,12 +101,34 @@ class Settings(BaseSettings):
     discord_progress_interval_s: float = Field(
         2.0, ge=0.05, description="Least time between two progress edits of one message (Discord rate limits edits)."
     )
+    learn_slice_seconds: float = Field(
+        10.0, gt=0, description="Longest stretch of training between two waiting generations (a learning job "
+        "checkpoints, then lets one generation run, then trains on).")
+    learn_steps: int = Field(200, ge=1, le=100_000, description="Training steps of a learned style (house or --p).")
+    learn_every: str | None = Field(
+        None, description="Learn each base model's house style again on this interval (e.g. 7d, 12h; none: only "
+        "when an admin asks).")
+    learn_min_new_votes: int = Field(
+        50, ge=1, description="Verified votes since the last version a scheduled learning run needs.")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_file = Path(os.environ.get("DREAMLOOM_CONFIG", "dreamloom.toml"))
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file)
+
+    @field_validator("learn_every")
+    @classmethod
+    def _interval(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            parse_interval(value)
+            return value.strip()
+        return None
+
+    @property
+    def learn_interval(self) -> timedelta | None:
+        """`learn_every` as a duration (None: no schedule)."""
+        return parse_interval(self.learn_every) if self.learn_every else None
 
     @property
     def gallery_url(self) -> str:
@@ -130,6 +154,14 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         """Derived files (e.g. single-file model configs)."""
         return self.data_dir / "cache"
+
+
+def parse_interval(text: str) -> timedelta:
+    """`7d`, `12h`, `30m` or `90s` (a number and a unit) as a duration."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhms])\s*", text or "")
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"{text!r} is not an interval: a number and d, h, m or s, e.g. 7d")
+    return timedelta(**{{"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[match[2]]: float(match[1])})
 
 
 def load_settings(**overrides) -> Settings:

@@ -39,10 +39,13 @@ class Worker:
         self.worker_id = worker_id
         self.lease_seconds = studio.settings.lease_seconds
         self.interrupt = threading.Event()  # set on a second shutdown signal: stop the running job
+        self.stop: asyncio.Event | None = None  # set on the first: a learning job pauses at its next checkpoint
         self.current_job: int | None = None
 
     async def run(self, stop: asyncio.Event, idle_seconds: float = 0.5) -> None:
-        """Claim and run jobs until `stop` is set; the running job is finished first."""
+        """Claim and run jobs until `stop` is set; the running job is finished first (a learning job is paused
+        at its next checkpoint and resumes from it later)."""
+        self.stop = stop
         while not stop.is_set():
             if not await self.run_one():
                 try:
@@ -50,12 +53,12 @@ class Worker:
                 except asyncio.TimeoutError:
                     pass
 
-    async def run_one(self) -> bool:
-        """Run the next job; False when the queue was empty."""
-        job = await self._claim()
+    async def run_one(self, exclude_kinds: tuple[str, ...] = ()) -> bool:
+        """Run the next job (none of `exclude_kinds`); False when the queue was empty."""
+        job = await self._claim(exclude_kinds)
         if job is None:
             return False
-        self.current_job = job.id
+        previous, self.current_job = self.current_job, job.id
         cancel = threading.Event()
         finished = asyncio.Event()  # stops the heartbeat and the watcher between two queries, never inside one
         heartbeat = asyncio.create_task(self._heartbeat(job.id, cancel, finished))
@@ -67,6 +70,9 @@ class Worker:
                  waited, job.attempts)
         started = time.monotonic()
         try:
+            if job.kind == "learn":
+                await self._learn(job, cancel)
+                return True
             result = await self._generate(job, cancel)
             images = await asyncio.to_thread(self.studio.store_result, job.id, job.raw_prompt, result,
                                              job.parent_image_id)
@@ -78,6 +84,8 @@ class Worker:
                          result.settings.width, result.settings.height, time.monotonic() - started, timings)
             else:
                 log.warning("job %s finished after its lease was lost; its result was dropped", job.id)
+        except LearningPaused as paused:
+            await self._release(job.id, str(paused))
         except GenerationCancelled:
             requeue = self.interrupt.is_set()
             message = "Interrupted by a shutdown; it will run again." if requeue else "Cancelled while it ran."
@@ -95,15 +103,27 @@ class Worker:
             finished.set()
             await asyncio.gather(heartbeat, watcher, return_exceptions=True)
             self.studio.running_jobs.pop(job.id, None)
-            self.current_job = None
+            self.current_job = previous
         return True
 
     # Database work runs @uninterrupted: a shutdown that cancels the worker never cuts a session in half.
 
     @uninterrupted
-    async def _claim(self) -> Job | None:
+    async def _claim(self, exclude_kinds: tuple[str, ...] = ()) -> Job | None:
         async with self.studio.db.session() as session:
-            return await queue.claim(session, self.worker_id, self.lease_seconds, lock=not self.studio.db.is_sqlite)
+            return await queue.claim(session, self.worker_id, self.lease_seconds, lock=not self.studio.db.is_sqlite,
+                                     exclude_kinds=exclude_kinds)
+
+    @uninterrupted
+    async def _release(self, job_id: int, note: str) -> None:
+        async with self.studio.db.session() as session:
+            released = await queue.release(session, job_id, self.worker_id, note)
+        log.info("job %s %s: %s", job_id, "paused" if released else "ended elsewhere", note)
+
+    @uninterrupted
+    async def _record_progress(self, job_id: int, progress: dict) -> None:
+        async with self.studio.db.session() as session:
+            await queue.record_progress(session, job_id, self.worker_id, progress)
 
     @uninterrupted
     async def _complete(self, job_id: int, images: list[queue.NewImage], settings: dict) -> bool:
@@ -146,6 +166,56 @@ class Worker:
             alive = await queue.renew_lease(session, job_id, self.worker_id, self.lease_seconds)
             job = await session.get(Job, job_id, populate_existing=True)
             return alive and not job.cancel_requested
+
+    async def _learn(self, job: Job, cancel: threading.Event) -> None:
+        """A learning job: train in bounded slices on the engine's thread (the one GPU lock), checkpoint after each
+        slice and let one waiting generation run before the next, so members still get their grids; then evaluate,
+        keep the version (active if it beats the base) and finish the job. A restart resumes from the checkpoint."""
+        loop = asyncio.get_running_loop()
+        parameters = job.parameters or {}
+        plan = await self.studio.plan_learning(job.model, voter=parameters.get("voter"),
+                                               objective=parameters.get("objective", "kto"), steps=parameters.get("steps"))
+        checkpoint = self.studio.learning_checkpoint(job.id)
+        trainer = await self.engine.call_async(self.studio.start_training, plan, self.engine.device)
+        if await self.engine.call_async(trainer.resume, checkpoint):
+            log.info("job %s: learning resumes at step %d of %d", job.id, trainer.step, trainer.steps)
+
+        def on_step(progress) -> None:
+            if self.interrupt.is_set():
+                cancel.set()
+            loop.call_soon_threadsafe(self.studio.publish, ProgressEvent(
+                job.id, "step", progress.step, progress.steps, message=f"loss {progress.loss:.4f}"))
+
+        def progress() -> dict:
+            return {"step": trainer.step, "steps": trainer.steps, "loss": round(trainer.losses[-1], 6) if trainer.losses
+                    else None, "elapsed_s": round(time.time() - trainer.started, 1), "style": plan.name}
+
+        try:
+            while not trainer.done:
+                await self.engine.call_async(trainer.train, max_seconds=self.studio.settings.learn_slice_seconds,
+                                             cancel=cancel, on_step=on_step)
+                await self.engine.call_async(trainer.checkpoint, checkpoint)
+                await self._record_progress(job.id, progress())
+                if trainer.done:
+                    break
+                if self.stop is not None and self.stop.is_set():
+                    raise LearningPaused(f"Paused at step {trainer.step} of {trainer.steps} by a shutdown; it "
+                                         "resumes from there.")
+                await self.run_one(exclude_kinds=("learn",))  # one waiting generation between two slices
+            evaluation = await self.engine.call_async(self.studio.finish_training, plan, trainer)
+        except GenerationCancelled:
+            if not self.interrupt.is_set():
+                checkpoint.unlink(missing_ok=True)  # cancelled for good; an interrupted one resumes
+            raise
+        done = progress()
+        trainer = None  # let the training copy of the base model go
+        view = await self.studio.register_learned(plan, evaluation)
+        settings = {"model": plan.spec.name, "style": view.to_dict(), "summary": view.summary(), "progress": done,
+                    "before_after": (plan.folder / "before-after.png").relative_to(self.studio.settings.data_dir).as_posix()}
+        if await self._complete(job.id, [], settings):
+            self.studio.publish(ProgressEvent(job.id, "done"))
+            log.info("job %s done: %s", job.id, view.summary())
+        checkpoint.unlink(missing_ok=True)
 
     async def _generate(self, job: Job, cancel: threading.Event) -> GenerationResult:
         loop = asyncio.get_running_loop()
@@ -193,6 +263,27 @@ class Worker:
         if image is None:
             raise DreamloomError("The source image of this job no longer exists.")
         return open_image(self.studio.store.read(image.path))
+
+
+SCHEDULE_CHECK_S = 600.0  # how often `learn_every` looks for models whose house style is due
+
+
+async def learn_on_schedule(studio: Studio, stop: asyncio.Event, check_seconds: float = SCHEDULE_CHECK_S) -> None:
+    """Queue a house-style learning job for each base model that `learn_every` says is due, until `stop`."""
+    while not stop.is_set():
+        try:
+            for model in await studio.due_house_styles():
+                job = await studio.submit_learn("system:schedule", model)
+                log.info("scheduled learning of the house style of %s: job %s", model, job.id)
+        except DreamloomError as error:  # too few ratings yet: the next check tries again
+            log.info("scheduled learning skipped: %s", error)
+        except Exception:
+            log.exception("scheduled learning check failed")
+        await _wait(stop, check_seconds)
+
+
+class LearningPaused(Exception):
+    """A learning job stopped at a checkpoint by a shutdown: back to the queue, not counted as an attempt."""
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
@@ -252,10 +343,13 @@ async def serve(settings, *, announce=print, front_doors=()) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         cleanups = [await start(studio, settings, announce) for start in front_doors]
+        schedule = asyncio.create_task(learn_on_schedule(studio, stop)) if settings.learn_interval else None
         announce(f"dreamloom serve: ready on {studio.db.safe_url} (worker {worker_id}; "
                  f"{len(requeued)} interrupted job(s) queued again, {len(report.orphans_removed)} stray file(s) removed)")
         # 3. Work until told to stop.
         await worker.run(stop)
+        if schedule is not None:
+            await asyncio.gather(schedule, return_exceptions=True)
         for cleanup in cleanups:
             await cleanup()
         engine.close()

@@ -104,3 +104,108 @@ def test_the_held_out_split_keeps_prompts_whole_and_both_labels_when_it_can():
     only_one = {"a": {1}, "b": {0}, "c": {0}}
     assert not any(1 in only_one[p] for p in held_out_prompts(only_one))  # the one liked prompt stays in training
     assert held_out_prompts(prompts, 0.0) == set()
+
+
+@pytest.mark.timeout(600)
+def test_learning_is_a_queued_job_that_lets_generations_through_pauses_resumes_and_cancels(tmp_path):
+    """A learning job trains in slices with a generation between two, pauses at a checkpoint on shutdown, resumes
+    from it after a restart to exactly the LoRA an uninterrupted run makes, and can be cancelled."""
+    import asyncio
+
+    from safetensors.torch import load_file
+
+    from studio.service import ProgressEvent  # noqa: F401  (the events the test listens to)
+
+    settings = Settings(data_dir=tmp_path / "data", registry=TEST_REGISTRY, max_queued_per_user=100,
+                        learn_steps=24, learn_slice_seconds=0.01)  # one step per slice
+
+    async def scenario():
+        studio = await Studio.open(settings)
+        engine = Engine(studio.registry, tmp_path / "cache", device="cpu")
+        worker = Worker(studio, engine, "test:1:1")
+        # 1. Six grids rated by a member: the first two images of each liked, the last two disliked.
+        for index, shape in enumerate(SHAPES + ["circle on the left", "star at the top"]):
+            await studio.submit_imagine("cli:maker", f"a {shape} --seed {index * 4} --steps 8")
+        while await worker.run_one():
+            pass
+        for job in await studio.jobs(limit=10):
+            for image in job.images:
+                await studio.vote(image.id, "discord:5", 1 if image.index <= 2 else -1)
+        # 2. The member asks for their --p: a queued job, one at a time.
+        learning = await studio.submit_learn("discord:5", voter="discord:5")
+        assert learning.kind == "learn" and learning.status == "queued"
+        with pytest.raises(Exception, match="already being learned"):
+            await studio.submit_learn("discord:5", voter="discord:5")
+        events = studio.subscribe(learning.id)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop, idle_seconds=0.05))
+        first = await asyncio.wait_for(events.get(), 120)
+        while first.kind != "step":
+            first = await asyncio.wait_for(events.get(), 120)
+        assert first.step == 1 and first.total == 24 and first.message.startswith("loss ")
+        # 3. Generations queued while it trains run between two slices.
+        grids = [await studio.submit_imagine("discord:6", f"a circle --seed {seed} --steps 4 --n 1") for seed in (1, 2)]
+        async def statuses():
+            return [(await studio.job(grid.id)).status for grid in grids]
+
+        for _ in range(600):
+            if await statuses() == ["done", "done"]:
+                break
+            await asyncio.sleep(0.1)
+        assert await statuses() == ["done", "done"]
+        assert (await studio.job(learning.id)).status == "running"
+        # 4. A shutdown pauses it at a checkpoint: back in the queue, not counted as an attempt.
+        stop.set()
+        await asyncio.wait_for(running, 120)
+        paused = await studio.job(learning.id)
+        assert paused.status == "queued" and paused.attempts == 0 and "Paused at step" in paused.error
+        assert 0 < paused.settings["progress"]["step"] < 24
+        checkpoint = studio.learning_checkpoint(learning.id)
+        assert checkpoint.is_file()
+        engine.close()
+        # 5. After a restart (a new worker and engine) it resumes from the checkpoint and finishes.
+        engine = Engine(studio.registry, tmp_path / "cache", device="cpu")
+        worker = Worker(studio, engine, "test:2:2")
+        while await worker.run_one():
+            pass
+        finished = await studio.job(learning.id)
+        assert finished.status == "done" and finished.settings["progress"]["step"] == 24, finished.error
+        assert finished.settings["style"]["name"] == "p-discord-5-starter-shapes-v1"
+        assert "personal style" in finished.settings["summary"] or "not in use" in finished.settings["summary"]
+        assert not checkpoint.exists()
+        name, data = await studio.result_file(learning.id, 10 * 2**20)  # Discord's picture: base above, learned below
+        from PIL import Image
+
+        sheet = Image.open(__import__("io").BytesIO(data))
+        assert sheet.height > sheet.width / 4 * 2 * 0.9
+        # 6. The same plan trained without a pause gives the same LoRA.
+        plan = await studio.plan_learning(voter="discord:5", steps=24)
+        trainer = studio.start_training(plan, "cpu")
+        trainer.train()
+        from peft.utils import get_peft_model_state_dict
+
+        uninterrupted = get_peft_model_state_dict(trainer.unet)
+        import torch
+
+        resumed = load_file(tmp_path / "data" / "styles" / finished.settings["style"]["name"] /
+                            f"{finished.settings['style']['name']}.safetensors")
+        # Kohya names differ from peft's: compare each tensor's sum of magnitudes, in order (alphas are kohya's own).
+        resumed_sums = sorted(float(t.abs().sum()) for key, t in resumed.items() if not key.endswith(".alpha"))
+        uninterrupted_sums = sorted(float(t.abs().sum()) for t in uninterrupted.values())
+        assert len(resumed_sums) == len(uninterrupted_sums)
+        assert torch.allclose(torch.tensor(resumed_sums), torch.tensor(uninterrupted_sums), rtol=1e-5)
+        # 7. A cancel stops a running learning job at its next step and drops its checkpoint.
+        again = await studio.submit_learn("discord:5", voter="discord:5", steps=500)
+        running = asyncio.create_task(worker.run_one())
+        for _ in range(600):
+            if (studio.learning_checkpoint(again.id)).is_file():
+                break
+            await asyncio.sleep(0.1)
+        await studio.cancel(again.id, "discord:5")
+        await asyncio.wait_for(running, 120)
+        assert (await studio.job(again.id)).status == "cancelled"
+        assert not studio.learning_checkpoint(again.id).exists()
+        engine.close()
+        await studio.close()
+
+    run(scenario(), timeout=560)

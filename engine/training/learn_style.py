@@ -6,7 +6,13 @@ Objectives (peft LoRA on the UNet; the frozen base is the reference, which peft 
   implicit reward of an image is how much better the model predicts its noise than the reference does,
   g = loss_ref - loss_model; with the batch's mean reward (clamped at 0) as the KL reference point,
   loss = w_y * (1 - sigmoid(sign_y * beta * (g - kl))).
+- `dpo`: Diffusion-DPO (Wallace et al. 2023, reference code SalesforceAIResearch/DiffusionDPO): pairs of a liked
+  and a disliked image of the same prompt, each pair under the same noise and timestep;
+  loss = -log sigmoid(-beta/2 * ((l_w - l_l) - (ref_w - ref_l))).
 - `sft`: plain fine-tuning on the liked images only.
+
+Training runs in bounded slices (`StyleTrainer.train(until=...)`) with a checkpoint between them, so a worker can
+interleave members' generations with it and resume it after a crash.
 
 Evaluation: on the held-out images, the implicit reward (averaged over fixed noise and timesteps) should rank a
 liked image above a disliked one; the base ranks every pair as a tie (accuracy 0.5).
@@ -28,13 +34,13 @@ from diffusers import DDPMScheduler
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageDraw
 
-from dreamloom.errors import InvalidRequest
+from dreamloom.errors import GenerationCancelled, InvalidRequest
 from engine.models import load_pipeline
 from engine.registry import ModelSpec
 from engine.training.lora_files import kohya_metadata, save_kohya_lora
 from engine.training.train_lora import add_trainable_lora, encode_images_and_captions
 
-OBJECTIVES = ("kto", "sft")
+OBJECTIVES = ("kto", "dpo", "sft")
 
 
 @dataclass(frozen=True)
@@ -144,87 +150,223 @@ def loss_curve_png(losses: list[float], path: Path, size: tuple[int, int] = (480
     picture.save(path)
 
 
-def train_style(train: list[StyleExample], held_out: list[StyleExample], base: ModelSpec, out: Path, *,
-                objective: str = "kto", steps: int = 200, rank: int = 8, lr: float = 5e-4, beta: float = 2000.0,
-                batch: int = 16, seed: int = 0, device: str = "cpu", cache_dir: Path = Path("data/cache"),
-                title: str | None = None, trigger: str = "", extra_metadata: dict[str, str] | None = None,
-                log=print) -> StyleReport:
-    """Train a style LoRA for `base` from rated images and save it to `out` (kohya layout, with metadata)."""
-    started = time.time()
-    if objective not in OBJECTIVES:
-        raise InvalidRequest(f"The objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    liked = [i for i, e in enumerate(train) if e.label == 1]
-    disliked = [i for i, e in enumerate(train) if e.label == 0]
-    if not liked or (objective == "kto" and not disliked):
-        raise InvalidRequest("Learning needs liked images" + (" and disliked ones" if objective == "kto" else "") + ".")
+def pairs_by_prompt(examples: list[StyleExample]) -> list[tuple[int, int]]:
+    """(liked, disliked) index pairs of images made from the same caption: what Diffusion-DPO compares."""
+    by_caption: dict[str, tuple[list[int], list[int]]] = {}
+    for index, example in enumerate(examples):
+        by_caption.setdefault(example.caption, ([], []))[1 - example.label].append(index)
+    return [(w, l) for liked, disliked in by_caption.values() for w in liked for l in disliked]
 
-    # 1. The base pipeline, frozen; latents and text embeddings of every image, computed once.
-    pipe = load_pipeline(base, device, torch.float32, cache_dir)
-    unet = pipe.unet
-    for module in (unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    side = unet.config.sample_size * pipe.vae_scale_factor
-    latents, embeddings = _latents_and_embeddings(pipe, train, side, device)
-    labels = torch.tensor([float(e.label) for e in train], device=device)
 
-    # 2. The LoRA: peft adapter layers on the UNet; disabling them gives the reference model.
-    params, optimiser, schedule = add_trainable_lora(unet, rank, lr, steps)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet.train()
-    losses: list[float] = []
-    for step in range(steps):
-        # 3. A batch: for KTO half liked, half disliked, so both signals reach every step.
-        if objective == "kto":
-            half = batch // 2
-            index = [rng.choice(liked) for _ in range(half)] + [rng.choice(disliked) for _ in range(batch - half)]
-        else:
-            index = [rng.choice(liked) for _ in range(batch)]
-        index_tensor = torch.tensor(index, device=device)
-        clean, context, label = latents[index_tensor], embeddings[index_tensor], labels[index_tensor]
-        noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), device=device)
-        model_loss = _per_sample_loss(unet, scheduler, clean, context, noise, timesteps)
-        if objective == "sft":
-            loss = model_loss.mean()
-        else:
-            # 4. Diffusion-KTO: the implicit reward against the frozen base, the batch's mean as reference point.
-            with torch.no_grad(), reference_model(unet):
-                reference_loss = _per_sample_loss(unet, scheduler, clean, context, noise, timesteps)
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Reported after every step."""
+
+    step: int
+    steps: int
+    loss: float
+    elapsed_s: float
+
+
+class StyleTrainer:
+    """A style LoRA being trained: build it (loads the base, encodes every image once), `train` it in slices,
+    checkpoint and resume it, then `evaluate` and `save` it. Blocking: run it on the engine's GPU thread."""
+
+    def __init__(self, train: list[StyleExample], held_out: list[StyleExample], base: ModelSpec, *,
+                 objective: str = "kto", steps: int = 200, rank: int = 8, lr: float = 5e-4, beta: float | None = None,
+                 batch: int = 16, seed: int = 0, device: str = "cpu", cache_dir: Path = Path("data/cache")) -> None:
+        if objective not in OBJECTIVES:
+            raise InvalidRequest(f"The objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
+        self.train_examples, self.held_out, self.base = train, held_out, base
+        self.objective, self.steps, self.rank, self.lr, self.batch, self.device = objective, steps, rank, lr, batch, device
+        # The papers' scales: Diffusion-KTO's beta on the reward, Diffusion-DPO's beta_dpo (5000 for SD1.5).
+        self.beta = beta if beta is not None else (5000.0 if objective == "dpo" else 2000.0)
+        self.liked = [i for i, e in enumerate(train) if e.label == 1]
+        self.disliked = [i for i, e in enumerate(train) if e.label == 0]
+        self.pairs = pairs_by_prompt(train)
+        if not self.liked or (objective == "kto" and not self.disliked):
+            raise InvalidRequest("Learning needs liked images" + (" and disliked ones" if objective == "kto" else "") + ".")
+        if objective == "dpo" and not self.pairs:
+            raise InvalidRequest("dpo needs a liked and a disliked image of the same prompt; use kto for these votes.")
+        self.started = time.time()
+        self.step = 0
+        self.losses: list[float] = []
+        # Noise, timesteps and batches come from generators of their own, kept in checkpoints: a resumed run draws
+        # what the uninterrupted one would have, and generations between slices do not disturb them.
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+        # 1. The base pipeline, frozen; latents and text embeddings of every image, computed once.
+        torch.manual_seed(seed)  # the LoRA's initial weights
+        self.pipe = load_pipeline(base, device, torch.float32, cache_dir)
+        self.unet = self.pipe.unet
+        for module in (self.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.requires_grad_(False)
+        self.side = self.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.latents, self.embeddings = _latents_and_embeddings(self.pipe, train, self.side, device)
+        self.labels = torch.tensor([float(e.label) for e in train], device=device)
+
+        # 2. The LoRA: peft adapter layers on the UNet; disabling them gives the reference model.
+        self.params, self.optimiser, self.schedule = add_trainable_lora(self.unet, rank, lr, steps)
+        self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+
+    @property
+    def done(self) -> bool:
+        """Whether every step has run."""
+        return self.step >= self.steps
+
+    def _batch(self) -> list[int]:
+        if self.objective == "kto":  # half liked, half disliked, so both signals reach every step
+            half = self.batch // 2
+            return [self.rng.choice(self.liked) for _ in range(half)] + \
+                [self.rng.choice(self.disliked) for _ in range(self.batch - half)]
+        if self.objective == "dpo":  # winners then losers, pair by pair
+            chosen = [self.rng.choice(self.pairs) for _ in range(max(1, self.batch // 2))]
+            return [w for w, _ in chosen] + [l for _, l in chosen]
+        return [self.rng.choice(self.liked) for _ in range(self.batch)]
+
+    def _loss(self, index: list[int]) -> torch.Tensor:
+        index_tensor = torch.tensor(index, device=self.device)
+        clean, context, label = self.latents[index_tensor], self.embeddings[index_tensor], self.labels[index_tensor]
+        count = len(index) // 2 if self.objective == "dpo" else len(index)
+        noise = torch.randn((count, *clean.shape[1:]), generator=self.generator).to(self.device)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (count,), generator=self.generator)
+        if self.objective == "dpo":  # a pair shares its noise and timestep
+            noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
+        timesteps = timesteps.to(self.device)
+        model_loss = _per_sample_loss(self.unet, self.scheduler, clean, context, noise, timesteps)
+        if self.objective == "sft":
+            return model_loss.mean()
+        with torch.no_grad(), reference_model(self.unet):
+            reference_loss = _per_sample_loss(self.unet, self.scheduler, clean, context, noise, timesteps)
+        if self.objective == "kto":
+            # Diffusion-KTO: the implicit reward against the frozen base, the batch's mean as reference point.
             reward = reference_loss - model_loss
             kl = reward.mean().detach().clamp(min=0)
             sign = 2 * label - 1
-            loss = (1 - torch.sigmoid(sign * beta * (reward - kl))).mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 25 == 0 or step == steps - 1:
-            log(json.dumps({"stage": "learn", "objective": objective, "step": step + 1, "steps": steps,
-                            "loss": round(losses[-1], 6), "elapsed_s": round(time.time() - started, 1)}))
+            return (1 - torch.sigmoid(sign * self.beta * (reward - kl))).mean()
+        # Diffusion-DPO: the winner's loss should fall further below the loser's than under the reference.
+        model_w, model_l = model_loss.chunk(2)
+        reference_w, reference_l = reference_loss.chunk(2)
+        inside = -0.5 * self.beta * ((model_w - model_l) - (reference_w - reference_l))
+        return -F.logsigmoid(inside).mean()
 
-    # 5. Held-out preference accuracy of the candidate (the base's is 0.5 by construction).
-    unet.eval()
-    accuracy = 0.5
-    if held_out:
-        held_latents, held_embeddings = _latents_and_embeddings(pipe, held_out, side, device)
-        rewards = implicit_rewards(unet, scheduler, held_latents, held_embeddings)
-        accuracy = preference_accuracy(rewards, [e.label for e in held_out])
+    def train(self, until: int | None = None, *, max_seconds: float | None = None, cancel=None, on_step=None) -> None:
+        """Run steps up to `until` (default: all), stopping early after `max_seconds`; `cancel` (an Event) raises
+        GenerationCancelled at the next step; `on_step(TrainingProgress)` after each step."""
+        until = min(self.steps, until if until is not None else self.steps)
+        slice_started = time.monotonic()
+        self.unet.train()
+        while self.step < until:
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled("Learning was cancelled.")
+            # 3. A batch; 4. the objective's loss; one optimiser step.
+            loss = self._loss(self._batch())
+            self.optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimiser.step()
+            self.schedule.step()
+            self.losses.append(loss.item())
+            self.step += 1
+            if on_step is not None:
+                on_step(TrainingProgress(self.step, self.steps, self.losses[-1], round(time.time() - self.started, 1)))
+            if max_seconds is not None and time.monotonic() - slice_started >= max_seconds:
+                break
 
-    # 6. The LoRA in kohya's layout, with what it learned from and how it scored.
-    report = StyleReport(out, objective, steps, time.time() - started, len(liked), len(disliked),
-                         sum(e.label for e in held_out), sum(1 - e.label for e in held_out), accuracy, losses)
-    metadata = kohya_metadata(
-        title=title or out.stem, base_name=base.name, family=base.family, trigger=trigger, rank=rank, alpha=rank,
-        steps=steps, learning_rate=lr, resolution=side,
-        subsets={"liked": (1, [e.caption for e in train if e.label == 1]),
-                 "disliked": (1, [e.caption for e in train if e.label == 0])},
-        started=datetime.fromtimestamp(started, timezone.utc))
-    metadata.update({"dreamloom.objective": objective, "dreamloom.liked": str(report.train_liked),
-                     "dreamloom.disliked": str(report.train_disliked),
-                     "dreamloom.held_out_accuracy": f"{accuracy:.4f}", **(extra_metadata or {})})
-    save_kohya_lora(get_peft_model_state_dict(unet), out, metadata)
-    return report
+    def checkpoint(self, path: Path) -> None:
+        """Save what resuming needs (the LoRA, the optimiser, the generators, the losses), atomically."""
+        state = {"step": self.step, "losses": self.losses, "objective": self.objective, "steps": self.steps,
+                 "lora": get_peft_model_state_dict(self.unet), "optimiser": self.optimiser.state_dict(),
+                 "schedule": self.schedule.state_dict(), "rng": self.rng.getstate(),
+                 "generator": self.generator.get_state(), "elapsed_s": time.time() - self.started}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(path)
+
+    def resume(self, path: Path) -> bool:
+        """Continue from a checkpoint of the same run; False when there is none (or it is of another run)."""
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("objective") != self.objective or state.get("steps") != self.steps:
+            return False
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.unet, state["lora"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.rng.setstate(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.step, self.losses = state["step"], list(state["losses"])
+        self.started = time.time() - state.get("elapsed_s", 0.0)
+        return True
+
+    def evaluate(self) -> float:
+        """5. Held-out preference accuracy of the candidate (the base's is 0.5 by construction)."""
+        self.unet.eval()
+        if not self.held_out:
+            return 0.5
+        held_latents, held_embeddings = _latents_and_embeddings(self.pipe, self.held_out, self.side, self.device)
+        rewards = implicit_rewards(self.unet, self.scheduler, held_latents, held_embeddings)
+        return preference_accuracy(rewards, [e.label for e in self.held_out])
+
+    def before_after_png(self, path: Path, prompts: list[str], *, seed: int = 7, steps: int = 20) -> None:
+        """The base (top row) and the candidate (bottom row) on the same prompts and seeds, labelled."""
+        self.unet.eval()
+        rows = []
+        for adapter_on in (False, True):
+            context = contextlib.nullcontext() if adapter_on else reference_model(self.unet)
+            with context, torch.no_grad():
+                rows.append([self.pipe(prompt, num_inference_steps=steps, height=self.side, width=self.side,
+                                       generator=torch.Generator().manual_seed(seed + index)).images[0]
+                             for index, prompt in enumerate(prompts)])
+        cell, label = self.side, 14
+        sheet = Image.new("RGB", (cell * len(prompts), 2 * (cell + label)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for row, (title, images) in enumerate(zip(("base", "learned"), rows)):
+            top = row * (cell + label)
+            draw.text((2, top + 1), title, fill="black")
+            for column, image in enumerate(images):
+                sheet.paste(image.resize((cell, cell)), (column * cell, top + label))
+        sheet.save(path)
+
+    def save(self, out: Path, *, accuracy: float, title: str | None = None, trigger: str = "",
+             extra_metadata: dict[str, str] | None = None) -> StyleReport:
+        """6. The LoRA in kohya's layout, with what it learned from and how it scored."""
+        held_out = self.held_out
+        report = StyleReport(out, self.objective, self.step, time.time() - self.started, len(self.liked),
+                             len(self.disliked), sum(e.label for e in held_out), sum(1 - e.label for e in held_out),
+                             accuracy, self.losses)
+        metadata = kohya_metadata(
+            title=title or out.stem, base_name=self.base.name, family=self.base.family, trigger=trigger, rank=self.rank,
+            alpha=self.rank, steps=self.step, learning_rate=self.lr, resolution=self.side,
+            subsets={"liked": (1, [e.caption for e in self.train_examples if e.label == 1]),
+                     "disliked": (1, [e.caption for e in self.train_examples if e.label == 0])},
+            started=datetime.fromtimestamp(self.started, timezone.utc))
+        metadata.update({"dreamloom.objective": self.objective, "dreamloom.liked": str(report.train_liked),
+                         "dreamloom.disliked": str(report.train_disliked),
+                         "dreamloom.held_out_accuracy": f"{accuracy:.4f}", **(extra_metadata or {})})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_kohya_lora(get_peft_model_state_dict(self.unet), out, metadata)
+        return report
+
+
+def train_style(train: list[StyleExample], held_out: list[StyleExample], base: ModelSpec, out: Path, *,
+                objective: str = "kto", steps: int = 200, rank: int = 8, lr: float = 5e-4, beta: float | None = None,
+                batch: int = 16, seed: int = 0, device: str = "cpu", cache_dir: Path = Path("data/cache"),
+                title: str | None = None, trigger: str = "", extra_metadata: dict[str, str] | None = None,
+                log=print) -> StyleReport:
+    """Train a style LoRA for `base` from rated images in one go and save it to `out` (kohya layout, metadata)."""
+    trainer = StyleTrainer(train, held_out, base, objective=objective, steps=steps, rank=rank, lr=lr, beta=beta,
+                           batch=batch, seed=seed, device=device, cache_dir=cache_dir)
+
+    def on_step(progress: TrainingProgress) -> None:
+        if progress.step % 25 == 1 or progress.step == progress.steps:
+            log(json.dumps({"stage": "learn", "objective": objective, "step": progress.step, "steps": progress.steps,
+                            "loss": round(progress.loss, 6), "elapsed_s": progress.elapsed_s}))
+
+    trainer.train(on_step=on_step)
+    accuracy = trainer.evaluate()
+    return trainer.save(out, accuracy=accuracy, title=title, trigger=trigger, extra_metadata=extra_metadata)

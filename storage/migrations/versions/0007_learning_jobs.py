@@ -1,0 +1,25 @@
+"""Learning jobs: a learned style trains as a queued job (kind `learn`)
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-11-24
+"""
+from alembic import op
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_constraint("ck_jobs_kind", type_="check")
+        batch.create_check_constraint("ck_jobs_kind", "kind IN ('imagine', 'upscale', 'vary', 'reroll', 'learn')")
+
+
+def downgrade() -> None:
+    op.execute("DELETE FROM jobs WHERE kind = 'learn'")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_constraint("ck_jobs_kind", type_="check")
+        batch.create_check_constraint("ck_jobs_kind", "kind IN ('imagine', 'upscale', 'vary', 'reroll')")

@@ -117,7 +117,7 @@ async def _page_context(request: web.Request) -> dict:
             "read_only": None if who else read_only_reason(studio), "request_path": request.path_qs}
 
 
-async def _gallery(request: web.Request, title: str, known: bool = True, **fixed) -> web.Response:
+async def _gallery(request: web.Request, title: str, known: bool = True, style=None, **fixed) -> web.Response:
     """A gallery page; `known=False` (a name the registry does not have) is a 404 unless it has images."""
     query = _query(request, **fixed)
     studio = request.app[STUDIO]
@@ -133,6 +133,8 @@ async def _gallery(request: web.Request, title: str, known: bool = True, **fixed
         "api": "/api/gallery?" + urlencode({k: v for k, v in filters.items() if v}),
         "models": [m["name"] for m in catalog["models"] if m["name"] not in hidden],
         "loras": [lora["name"] for lora in catalog["loras"] if "learned" not in lora["tags"]],
+        "house_styles": [lora["name"] for lora in catalog["loras"] if "learned" in lora["tags"]],
+        "style": style.to_dict() if style else None,
     })
 
 
@@ -148,8 +150,23 @@ async def by_model(request: web.Request) -> web.Response:
 
 
 async def by_lora(request: web.Request) -> web.Response:
+    """A LoRA's images; a learned style's page also shows its version, data and evaluation."""
     name = request.match_info["name"]
-    return await _gallery(request, f"LoRA {name}", name in request.app[STUDIO].registry.loras, lora=name)
+    studio = request.app[STUDIO]
+    style = None
+    if name not in studio.registry.loras:
+        try:
+            style = await studio.style(name)
+        except NotFound:
+            pass
+    title = f"Learned style {name}" if style else f"LoRA {name}"
+    return await _gallery(request, title, name in studio.registry.loras or style is not None, style=style, lora=name)
+
+
+async def style_picture(request: web.Request) -> web.Response:
+    """A learned style's before/after grid or loss curve."""
+    data = await request.app[STUDIO].style_picture(request.match_info["name"], request.match_info["picture"])
+    return web.Response(body=data, content_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
 
 async def by_member(request: web.Request) -> web.Response:
@@ -411,6 +428,7 @@ def create_app(studio: Studio) -> web.Application:
         web.get("/static/{name:[a-z]{1,20}}.js", script),
         web.get("/model/{name:[A-Za-z0-9._-]{1,200}}", by_model),
         web.get("/lora/{name:[A-Za-z0-9._-]{1,200}}", by_lora),
+        web.get("/styles/{name:[A-Za-z0-9._-]{1,200}}/{picture:before-after|loss}.png", style_picture),
         web.get("/member/{user:[A-Za-z0-9:._-]{1,100}}", by_member),
         web.get(f"/image/{number}", image_page),
         web.post(f"/image/{number}/make", image_action),

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 MIN_HOUSE = 8  # liked and disliked images each, with verified votes, before a house style is learned
 MIN_PERSONAL = 8  # a member's own ratings, liked and disliked each, before their --p is learned
 TRAINABLE_FAMILIES = ("starter", "sd15")  # the trainer's UNet + one CLIP text encoder
-OBJECTIVES = ("kto", "dpo", "sft")  # engine.training.learn_style's, named here so checks need no torch
+OBJECTIVES = ("kto", "dpo", "sft")
+STYLE_PICTURES = ("before-after", "loss")  # kept beside each learned LoRA  # engine.training.learn_style's, named here so checks need no torch
 
 
 @dataclass
@@ -362,6 +363,25 @@ class LearningMixin:
             if owner:
                 statement = statement.where(LearnedStyle.owner_id == owner)
             return [StyleView.of(row) for row in (await session.scalars(statement)).all()]
+
+    async def style(self, name: str) -> StyleView:
+        """One learned style by name."""
+        async with self.db.session() as session:
+            row = await session.scalar(select(LearnedStyle).where(LearnedStyle.name == name))
+            if row is None:
+                raise NotFound(f"There is no learned style {name!r}.")
+            return StyleView.of(row)
+
+    async def style_picture(self, name: str, picture: str) -> bytes:
+        """A learned style's `before-after` grid or `loss` curve (PNG), found through its row, never a given path."""
+        if picture not in STYLE_PICTURES:
+            raise NotFound(f"A style has no {picture!r} picture.")
+        async with self.db.session() as session:
+            path = await session.scalar(select(LearnedStyle.path).where(LearnedStyle.name == name))
+        file = (self.settings.data_dir / path).parent / f"{picture}.png" if path else None
+        if file is None or not file.is_file():
+            raise NotFound(f"There is no {picture} picture of {name!r}.")
+        return await asyncio.to_thread(file.read_bytes)
 
     async def set_style_status(self, name: str, status: str) -> StyleView:
         """Make a version the active one (a roll back or forward), keep it as a candidate, or retire it."""

@@ -687,3 +687,48 @@ def test_where_an_admin_allows_anonymous_visitors_their_web_votes_are_kept_apart
     # Its own thread: Playwright's sync API (the browser fixture of this module) keeps a loop running in this one.
     with ThreadPoolExecutor(1) as pool:
         pool.submit(run, scenario()).result()
+
+
+def test_a_learning_job_shows_its_progress_result_and_the_learned_styles_page(site, browser):
+    """A house style learned by a queued job in `serve`: the job page shows what was learned with the base above
+    and the style below; the style's page shows its version, data and evaluation; its pictures are found by the
+    style's name only."""
+    grids = [site.studio(lambda s, i=i: s.submit_imagine("cli:maker", f"a {shape} --seed {i} --steps 8"))
+             for i, shape in enumerate(["circle", "square", "triangle", "star"])]
+    jobs = [site.wait_done(grid.id) for grid in grids]
+
+    async def rate(studio):
+        for job in jobs:
+            for image in job["images"]:
+                await studio.vote(image["id"], "discord:4001", 1 if image["index"] <= 2 else -1)
+        return await studio.submit_learn("cli:owner", steps=6)
+
+    learning = site.studio(rate)
+    page = browser.new_page()
+    page.goto(f"{site.base}/jobs/{learning.id}")
+    finished = site.wait_done(learning.id, timeout=240)
+    assert finished["status"] == "done", finished["error"]
+    name = finished["settings"]["style"]["name"]
+    assert name == "house-starter-shapes-v1"
+    page.wait_for_selector("#learned", timeout=30_000)  # the page reloads when the job ends
+    assert name in page.inner_text("#learned")
+    page.wait_for_function("() => document.querySelector('#before-after').naturalWidth >= 4 * 192")
+    shots = os.environ.get("SCREENSHOTS_DIR")
+    if shots:
+        page.screenshot(path=f"{shots}/learn-job.png", full_page=True)
+    page.click(f"#learned a >> text={name}")
+    assert page.url.endswith(f"/lora/{name}")
+    assert page.inner_text("h1") == f"Learned style {name}"
+    text = page.inner_text("#style")
+    assert "house style of starter-shapes, version 1" in text and "held-out preference accuracy" in text
+    assert "8 liked and 8 disliked images" in text or "liked and" in text
+    page.wait_for_function("() => document.querySelector('#loss-curve').naturalWidth > 0 && "
+                           "document.querySelector('#before-after').naturalWidth > 0")
+    if shots:
+        page.screenshot(path=f"{shots}/learned-style.png", full_page=True)
+    page.close()
+    for path in (f"/styles/{name}/report.png", "/styles/nobody/loss.png", f"/styles/{name}/..%2F..%2Fdreamloom.db",
+                 "/lora/house-starter-shapes-v9"):
+        assert _get(site.base + path)[0] == 404, path
+    # Retired, so that the style is in no later generation of this module's site.
+    site.studio(lambda s: s.set_style_status(name, "retired"))

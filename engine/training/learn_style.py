@@ -133,18 +133,19 @@ def preference_accuracy(rewards: torch.Tensor, labels: list[int]) -> float:
 
 
 def loss_curve_png(losses: list[float], path: Path, size: tuple[int, int] = (480, 200)) -> None:
-    """A plain loss curve (a moving average over 10 steps), drawn with PIL."""
+    """A plain loss curve (a moving average over up to 10 steps), drawn with PIL."""
     width, height = size
     picture = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(picture)
     if len(losses) >= 2:
-        smooth = np.convolve(losses, np.ones(min(10, len(losses))) / min(10, len(losses)), mode="valid")
+        window = min(10, max(1, len(losses) // 2))  # a short run keeps a curve, not one averaged point
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         low, high = float(smooth.min()), float(smooth.max()) or 1.0
         span = (high - low) or 1.0
         points = [(20 + i * (width - 40) / max(1, len(smooth) - 1), height - 20 - (v - low) / span * (height - 40))
                   for i, v in enumerate(smooth)]
         draw.line(points, fill=(30, 90, 200), width=2)
-        draw.text((22, 4), f"loss (10-step average) {high:.4f} .. {low:.4f}", fill="black")
+        draw.text((22, 4), f"loss ({window}-step average) {high:.4f} .. {low:.4f}", fill="black")
         draw.text((22, height - 16), f"steps 1 .. {len(losses)}", fill="black")
     draw.rectangle([20, 20, width - 20, height - 20], outline=(180, 180, 180))
     picture.save(path)
@@ -312,24 +313,27 @@ class StyleTrainer:
         rewards = implicit_rewards(self.unet, self.scheduler, held_latents, held_embeddings)
         return preference_accuracy(rewards, [e.label for e in self.held_out])
 
-    def before_after_png(self, path: Path, prompts: list[str], *, seed: int = 7, steps: int = 20) -> None:
-        """The base (top row) and the candidate (bottom row) on the same prompts and seeds, labelled."""
+    def before_after_png(self, path: Path, prompts: list[str], *, columns: int = 4, seed: int = 7, steps: int = 20,
+                         cell: int = 192) -> None:
+        """The base (top row) and the candidate (bottom row) on the same prompts and seeds (the prompts repeat with
+        new seeds to fill `columns`), labelled, each picture shown at `cell` pixels at least."""
         self.unet.eval()
+        chosen = [prompts[index % len(prompts)] for index in range(columns)]
         rows = []
         for adapter_on in (False, True):
             context = contextlib.nullcontext() if adapter_on else reference_model(self.unet)
             with context, torch.no_grad():
                 rows.append([self.pipe(prompt, num_inference_steps=steps, height=self.side, width=self.side,
                                        generator=torch.Generator().manual_seed(seed + index)).images[0]
-                             for index, prompt in enumerate(prompts)])
-        cell, label = self.side, 14
-        sheet = Image.new("RGB", (cell * len(prompts), 2 * (cell + label)), "white")
+                             for index, prompt in enumerate(chosen)])
+        cell, label = max(cell, self.side), 16
+        sheet = Image.new("RGB", (cell * columns, 2 * (cell + label)), "white")
         draw = ImageDraw.Draw(sheet)
-        for row, (title, images) in enumerate(zip(("base", "learned"), rows)):
+        for row, (title, images) in enumerate(zip(("base", "learned style"), rows)):
             top = row * (cell + label)
-            draw.text((2, top + 1), title, fill="black")
+            draw.text((4, top + 2), title, fill="black")
             for column, image in enumerate(images):
-                sheet.paste(image.resize((cell, cell)), (column * cell, top + label))
+                sheet.paste(image.resize((cell, cell), Image.Resampling.BICUBIC), (column * cell, top + label))
         sheet.save(path)
 
     def save(self, out: Path, *, accuracy: float, title: str | None = None, trigger: str = "",

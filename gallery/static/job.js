@@ -18,7 +18,7 @@
     const status = document.getElementById("status");
     if (event.kind === "status") status.textContent = event.status + (event.position != null ? ` · position ${event.position}` : "");
     if (event.kind === "step") {
-      status.textContent = `step ${event.step} of ${event.total}`;
+      status.textContent = `step ${event.step} of ${event.total}` + (event.message ? `, ${event.message}` : "");
       const bar = document.getElementById("progress"); bar.max = event.total; bar.value = event.step;
       if (event.preview) { const img = document.getElementById("preview"); img.src = "data:image/png;base64," + event.preview; img.hidden = false; }
     }

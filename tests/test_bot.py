@@ -333,7 +333,7 @@ def test_a_prompt_never_pings_anyone(engine, tmp_path):
 
 def test_learning_commands_say_what_they_need(engine, tmp_path):
     async def scenario():
-        async with BotWorld(engine, tmp_path) as world:
+        async with BotWorld(engine, tmp_path, learn_steps=4, learn_slice_seconds=0.01) as world:
             double = world.double
             assert {c["name"] for c in double.commands} >= {"personalize"}
             # /personalize: no style yet, and how many ratings one needs.
@@ -355,5 +355,29 @@ def test_learning_commands_say_what_they_need(engine, tmp_path):
             stranger = await double.slash(world.bob, "admin", {"steps": 10}, subcommand="learn")
             assert "Manage Server" in await world.error_reply(stranger)
             assert len(await world.studio.jobs(limit=10)) == 0
+            # With enough of her own ratings, /personalize start queues a learning job; its message shows the
+            # progress, then what was learned and the base above the style below.
+            for index, shape in enumerate(["circle", "square", "triangle", "star"]):
+                grid = await world.studio.submit_imagine("discord:9", f"a {shape} --seed {index} --steps 6")
+                await double.wait_for(lambda: _done(world.studio, grid.id), 120, "a grid")
+                for image in (await world.studio.job(grid.id)).images:
+                    await world.studio.vote(image.id, "discord:3001", 1 if image.index <= 2 else -1)
+            started = await double.slash(world.alice, "personalize", {"start": True})
+
+            def learned():
+                message = double.original(started)
+                return message if message and "Top row: the base" in message["content"] else None
+
+            message = await double.wait_for(learned, 180, "the learning job's result")
+            assert "p-discord-3001-starter-shapes-v1" in message["content"] and "personal style" in message["content"]
+            sheet = world.image_of(double.file_of(message))
+            assert sheet.width >= 4 * 192 and sheet.height >= 2 * 192  # four columns, two rows
+            edits = [request.json.get("content", "") for request in double.requests
+                     if request.method == "PATCH" and request.json and "step" in (request.json.get("content") or "")]
+            assert any("loss" in content for content in edits), edits[-3:]
 
     run(scenario())
+
+
+async def _done(studio, job_id: int) -> bool:
+    return (await studio.job(job_id)).status == "done"

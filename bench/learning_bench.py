@@ -1,6 +1,6 @@
 """What learning from votes changes, by objective, on the starter model. Prints JSON.
 
-    .venv/bin/python bench/learning_bench.py [--objectives kto sft] [--steps 150] [--taste background:purple]
+    .venv/bin/python bench/learning_bench.py [--objectives kto dpo sft] [--steps 200] [--taste background:green]
 
 A simulated community rates images of neutral prompts (no colour named) by a taste no prompt names, e.g. a purple
 background, or bright pictures. For each objective, in the same run and on the same votes: the share of the taste
@@ -26,50 +26,15 @@ from engine.generation import ImagineRequest  # noqa: E402
 from engine.params import parse_prompt  # noqa: E402
 from engine.registry import load_registry  # noqa: E402
 from engine.service import Engine  # noqa: E402
-from engine.training.evaluate_starter import colour_check, evaluation_prompts  # noqa: E402
-from engine.training.learn_style import StyleExample, train_style  # noqa: E402
+from engine.training.learn_style import OBJECTIVES, StyleExample, train_style  # noqa: E402
+from engine.training.tastes import adherence, neutral_prompts, taste, taste_share  # noqa: E402
 from storage.learning import held_out_prompt  # noqa: E402
-
-SHAPES = ["circle", "square", "triangle", "star"]
-PLACES = ["", " on the left", " on the right", " at the top", " at the bottom", " in the center"]
-SIZES = ["", "small ", "large "]
-
-
-def taste(name: str):
-    """A predicate on images: `background:COLOUR` or `bright`."""
-    if name.startswith("background:"):
-        colour = name.split(":", 1)[1]
-        return lambda image: colour_check(image, "-", colour)[1]
-    if name == "bright":
-        return lambda image: float(np.asarray(image.convert("RGB"), dtype=float).mean()) > 140
-    raise SystemExit(f"unknown taste {name!r}: background:COLOUR or bright")
-
-
-def neutral_prompts() -> list[str]:
-    return [f"a {size}{shape}{place}" for shape in SHAPES for place in PLACES for size in SIZES]
-
-
-def share(engine, prompts: list[str], predicate, suffix: str, seed_base: int) -> float:
-    hits = []
-    for index, prompt in enumerate(prompts):
-        result = engine.imagine(ImagineRequest(parse_prompt(f"{prompt}{suffix} --seed {seed_base + index * 4} --steps 12")))
-        hits += [predicate(image) for image in result.images]
-    return float(np.mean(hits))
-
-
-def adherence(engine, suffix: str, count: int) -> float:
-    right = []
-    for index, (text, shape_colour, background_colour) in enumerate(evaluation_prompts(count)):
-        result = engine.imagine(ImagineRequest(parse_prompt(f"{text}{suffix} --seed {1000 + index * 10} --n 2")))
-        right += [colour_check(image, shape_colour, background_colour)[0] for image in result.images]
-    return float(np.mean(right))
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--objectives", nargs="+", default=["kto", "sft"])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--taste", default="background:purple")
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--taste", default="background:green")
     parser.add_argument("--adherence-prompts", type=int, default=32)
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp())
@@ -85,7 +50,7 @@ def main() -> None:
     held_out = [e for e, held in examples if held]
     evaluation = [p for p in neutral_prompts() if held_out_prompt(p)] or neutral_prompts()[:8]
     report = {"taste": args.taste, "images": len(examples), "liked_share": round(np.mean([e.label for e, _ in examples]), 4),
-              "base": {"taste_share": share(engine, evaluation, predicate, "", 50_000),
+              "base": {"taste_share": taste_share(engine, evaluation, predicate),
                        "shape_colour_adherence": adherence(engine, "", args.adherence_prompts)}}
     # 2. Each objective on the same votes.
     for objective in args.objectives:
@@ -102,7 +67,7 @@ def main() -> None:
             "steps": args.steps, "train_s": round(seconds, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "held_out_accuracy": round(trained.held_out_accuracy, 4),
-            "taste_share": share(styled, evaluation, predicate, f" <lora:{objective}:1>", 50_000),
+            "taste_share": taste_share(styled, evaluation, predicate, f" <lora:{objective}:1>"),
             "shape_colour_adherence": adherence(styled, f" <lora:{objective}:1>", args.adherence_prompts),
         }
         styled.close()

@@ -8,8 +8,8 @@ their own (an orange background). The studio then learns the house style and tha
 votes exactly as `dreamloom learn` does, and the run measures, against the base in the same run, on held-out
 neutral prompts and fresh seeds: the share of each taste, and colour adherence on named-colour prompts.
 
-`--save DIR` keeps the two learned LoRAs (and this run's figures) as the fixtures `tests/test_learning.py` checks
-the shift on: CI cannot afford 2 x 200 training steps on a CPU, so the full run is committed and the test trains
+`--save tests/learned` keeps the two learned LoRAs (and this run's figures) as the fixtures `tests/test_learning.py`
+checks the shift on: CI cannot afford 2 x 200 training steps on a CPU, so the full run is committed and the test trains
 a few steps of the same loop.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.learning_bench import adherence, neutral_prompts, share, taste  # noqa: E402
 from engine.registry import load_registry  # noqa: E402
 from engine.service import Engine  # noqa: E402
+from engine.training.tastes import adherence, neutral_prompts, taste, taste_share  # noqa: E402
 from storage.learning import held_out_prompt  # noqa: E402
 from studio.service import Studio  # noqa: E402
 from studio.settings import Settings  # noqa: E402
@@ -90,7 +90,7 @@ def main() -> None:
     base_adherence = adherence(engine, "", args.adherence_prompts)
     for name, run, liked in (("house", house, HOUSE_TASTE), ("personal", personal, MEMBER_TASTE)):
         predicate = taste(liked)
-        base, styled = (share(engine, evaluation, predicate, suffix, 50_000) for suffix in ("", f" <lora:{name}:1>"))
+        base, styled = (taste_share(engine, evaluation, predicate, suffix) for suffix in ("", f" <lora:{name}:1>"))
         report[name] = {"taste": liked, "name": run["view"]["name"], "train_s": run["train_s"],
                         "held_out_accuracy": run["view"]["evaluation"]["held_out_accuracy"],
                         "status": run["view"]["status"], "base_share": base, "styled_share": styled,
@@ -102,6 +102,7 @@ def main() -> None:
         args.save.mkdir(parents=True, exist_ok=True)
         for name, run in (("house", house), ("personal", personal)):
             shutil.copy(run["file"], args.save / f"{name}.safetensors")
+            (args.save / f"{name}.safetensors").chmod(0o644)
         (args.save / "figures.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -118,8 +118,33 @@ def cmd_imagine(args, settings) -> dict[str, Any]:
         prompt = dataclasses.replace(prompt, model=args.model)
     started_at = utcnow()
     engine = _engine(settings)
+    prompt = _with_learned_styles(settings, engine, prompt)
     result = engine.imagine(ImagineRequest(prompt, image), on_step=None if args.quiet else _print_progress(sys.stderr))
     return _finish(args, settings, "imagine", args.prompt, result, started_at)
+
+
+def _with_learned_styles(settings, engine, prompt):
+    """The house style of the prompt's model (as `--stylize` / `--style raw` say), as queued jobs get it. Only when a
+    database exists: a fresh data directory has no learned styles, and `imagine` should not create one."""
+    import asyncio
+
+    if not settings.database_url and not (Path(settings.data_dir) / "dreamloom.db").is_file():
+        if prompt.personalize:
+            from dreamloom.errors import InvalidPrompt
+
+            raise InvalidPrompt("--p needs a personal style, and this data directory has none yet.", "p")
+        return prompt
+
+    async def work(studio):
+        spec, routed = engine.plan(prompt)
+        choices, _ = await studio.learned_choices(routed, spec, "cli:owner")
+        return choices, studio.runtime_registry()
+
+    choices, registry = asyncio.run(_with_studio(settings, work))
+    if not choices:
+        return prompt
+    engine.registry = registry
+    return dataclasses.replace(prompt, loras=tuple(prompt.loras) + tuple(choices))
 
 
 def cmd_vary(args, settings) -> dict[str, Any]:

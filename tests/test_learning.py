@@ -2,6 +2,8 @@
 verified votes, and the style is applied (and switched off) by the prompt syntax; a member's `--p` likewise."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from studio.service import Studio
 from studio.settings import Settings
 from studio.worker import Worker
 from tests.aio import run
-from tests.conftest import TEST_REGISTRY
+from tests.conftest import ROOT, TEST_REGISTRY
 
 SHAPES = ["circle", "square", "triangle", "star"]
 PLACES = ["", " on the left", " on the right", " at the top", " at the bottom", " in the center"]
@@ -73,6 +75,18 @@ def test_votes_become_a_house_style_and_a_personal_style(tmp_path):
         from PIL import Image
 
         assert mean_abs_diff(Image.open(styled.images[0].path), Image.open(plain.images[0].path)) > 1
+        # The owner's `dreamloom imagine` gets the house style too, and leaves it out with --style raw.
+        import asyncio
+        import json
+
+        from tests.test_cli import run as dreamloom
+
+        styled_cli = await asyncio.to_thread(dreamloom, "imagine", "a triangle --seed 3 --steps 4 --n 1", "--json",
+                                             data_dir=tmp_path / "data")
+        raw_cli = await asyncio.to_thread(dreamloom, "imagine", "a triangle --seed 3 --steps 4 --n 1 --style raw",
+                                          "--json", data_dir=tmp_path / "data")
+        assert [lora["name"] for lora in json.loads(styled_cli.stdout)["parameters"]["loras"]] == [house.name]
+        assert json.loads(raw_cli.stdout)["parameters"]["loras"] == []
         # 5. A member's --p, from their own ratings.
         personal = await studio.learn(voter="discord:2", steps=20)
         assert personal.name == "p-discord-2-starter-shapes-v1" and personal.kind == "personal"
@@ -87,7 +101,7 @@ def test_votes_become_a_house_style_and_a_personal_style(tmp_path):
         engine.close()
         await studio.close()
 
-    run(scenario())
+    run(scenario(), timeout=800)
 
 
 def test_the_held_out_split_keeps_prompts_whole_and_both_labels_when_it_can():
@@ -209,3 +223,98 @@ def test_learning_is_a_queued_job_that_lets_generations_through_pauses_resumes_a
         await studio.close()
 
     run(scenario(), timeout=560)
+
+
+LEARNED = ROOT / "tests" / "learned"  # bench/learning_loop.py --save tests/learned: the loop at full length
+
+
+@pytest.mark.timeout(600)
+def test_the_full_loop_shifts_the_communitys_and_a_members_taste_and_keeps_adherence(tmp_path):
+    """The styles the whole loop learned at full length (the studio's `learn` on a simulated community's verified
+    votes: three members like green backgrounds, one member orange ones, tastes no prompt names), measured on
+    held-out neutral prompts and fresh seeds against the base in the same run: each taste at least triples, and
+    shapes keep the colour their prompt names at least 95% of the time."""
+    from safetensors import safe_open
+
+    from engine.registry import load_registry
+    from engine.training.tastes import adherence, neutral_prompts, taste, taste_share
+    from storage.learning import held_out_prompt
+
+    figures = json.loads((LEARNED / "figures.json").read_text())
+    for name, kind in (("house", "house"), ("personal", "personal")):
+        with safe_open(LEARNED / f"{name}.safetensors", "pt") as lora:
+            metadata = lora.metadata()
+        assert metadata["dreamloom.kind"] == kind and metadata["dreamloom.objective"] == figures["objective"]
+        assert metadata["ss_max_train_steps"] == str(figures["steps"])
+    registry = (TEST_REGISTRY.read_text().replace('path = "../models/', f'path = "{ROOT}/models/')
+                + "".join(f'\n[[loras]]\nname = "{name}"\npath = "{LEARNED / name}.safetensors"\nfamily = "starter"\n'
+                          for name in ("house", "personal")))
+    (tmp_path / "models.toml").write_text(registry)
+    engine = Engine(load_registry(tmp_path / "models.toml"), tmp_path / "cache", device="cpu")
+    try:
+        held_out = [prompt for prompt in neutral_prompts() if held_out_prompt(prompt)]
+        measured = {}
+        for name, liked in (("house", figures["house"]["taste"]), ("personal", figures["personal"]["taste"])):
+            predicate = taste(liked)
+            base = taste_share(engine, held_out, predicate)
+            styled = taste_share(engine, held_out, predicate, f" <lora:{name}:1>")
+            kept = adherence(engine, f" <lora:{name}:1>")
+            measured[name] = (base, styled, kept)
+        for name, (base, styled, kept) in measured.items():
+            assert styled >= 3 * base and styled > 0, (name, measured)
+            assert kept >= 0.95, (name, measured)
+    finally:
+        engine.close()
+
+
+def test_a_schedule_queues_the_house_style_when_it_is_due_and_enough_new_votes_came(tmp_path):
+    """DREAMLOOM_LEARN_EVERY: a model with no house style yet, or an older one, and enough verified votes since,
+    gets a learning job queued by `serve`'s schedule; a recent version, or too few new votes, none."""
+    import asyncio
+    from datetime import timedelta
+
+    from storage import queue
+    from storage.models import LearnedStyle, utcnow
+    from studio.worker import learn_on_schedule
+
+    async def scenario():
+        studio = await Studio.open(Settings(data_dir=tmp_path / "data", registry=TEST_REGISTRY, learn_every="7d",
+                                            learn_min_new_votes=20))
+        assert await studio.due_house_styles() == []  # no votes yet
+        # 1. Sixteen finished images of the default model, half liked and half disliked by two members.
+        now = utcnow()
+        async with studio.db.session() as session:
+            for number in range(4):
+                job = await queue.record_finished(session, queue.NewJob("imagine", "cli:maker", f"a shape {number}",
+                                                                        f"a shape {number}"),
+                                                  {"model": "starter-shapes", "seeds": [number]}, now)
+                queue.add_images(session, job.id, [queue.NewImage(i, i, 64, 64, f"{number:02d}{i:062d}", f"x/{number}-{i}.png")
+                                                   for i in range(1, 5)], now)
+        for image_id in range(1, 17):
+            for voter in ("discord:1", "discord:2"):
+                await studio.vote(image_id, voter, 1 if image_id % 2 else -1)
+        assert await studio.due_house_styles() == ["starter-shapes"]  # never learned, 32 new votes
+        # 2. A version learned after those votes: not due now, nor in eight days without new votes; one learned
+        #    eight days ago, before the votes: due again.
+        async with studio.db.session() as session:
+            style = LearnedStyle(name="house-starter-shapes-v1", kind="house", base_model="starter-shapes", version=1,
+                                 path="styles/x/x.safetensors", objective="kto", steps=1, status="active",
+                                 created_at=utcnow())
+            session.add(style)
+        assert await studio.due_house_styles() == []
+        assert await studio.due_house_styles(utcnow() + timedelta(days=8)) == []  # no vote came after it
+        async with studio.db.session() as session:
+            (await session.get(LearnedStyle, 1)).created_at = now - timedelta(days=8)
+        assert await studio.due_house_styles() == ["starter-shapes"]
+        # 3. The schedule queues it once, as a learning job of `system:schedule`.
+        stop = asyncio.Event()
+        task = asyncio.create_task(learn_on_schedule(studio, stop, check_seconds=0.05))
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        jobs = await studio.jobs(status="queued")
+        assert [(job.kind, job.user_id, job.model) for job in jobs] == [("learn", "system:schedule", "starter-shapes")]
+        assert await studio.due_house_styles() == []  # one at a time
+        await studio.close()
+
+    run(scenario())

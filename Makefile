@@ -54,7 +54,8 @@ bench: setup system-packages
 	$(PYTHON) bench/lora_bench.py
 	$(PYTHON) bench/web_trust_bench.py
 	$(PYTHON) bench/ecosystem_bench.py
-	$(PYTHON) bench/learning_bench.py  # about 10 minutes on 2 CPU cores
+	$(PYTHON) bench/learning_bench.py  # about 20 minutes on 2 CPU cores
+	$(PYTHON) bench/learning_job_bench.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

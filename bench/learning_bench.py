@@ -1,6 +1,6 @@
 """What learning from votes changes, by objective, on the starter model. Prints JSON.
 
-    .venv/bin/python bench/learning_bench.py [--objectives kto dpo sft] [--steps 200] [--taste background:green]
+    .venv/bin/python bench/learning_bench.py [--objectives kto dpo sft] [--steps 400] [--taste background:green]
 
 A simulated community rates images of neutral prompts (no colour named) by a taste no prompt names, e.g. a purple
 background, or bright pictures. For each objective, in the same run and on the same votes: the share of the taste
@@ -33,7 +33,7 @@ from storage.learning import held_out_prompt  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--taste", default="background:green")
     parser.add_argument("--adherence-prompts", type=int, default=32)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """The whole learning loop through the studio, at full length, on a simulated community. Prints JSON.
 
-    .venv/bin/python bench/learning_loop.py [--steps 200] [--save tests/data/learned]
+    .venv/bin/python bench/learning_loop.py [--steps 400] [--save tests/learned]
 
 A community generates images of neutral prompts (no colour named) with the starter model; three members vote on
 every image by the community's taste (a green background, which no prompt names) and one more member rates them by
@@ -9,7 +9,7 @@ votes exactly as `dreamloom learn` does, and the run measures, against the base 
 neutral prompts and fresh seeds: the share of each taste, and colour adherence on named-colour prompts.
 
 `--save tests/learned` keeps the two learned LoRAs (and this run's figures) as the fixtures `tests/test_learning.py`
-checks the shift on: CI cannot afford 2 x 200 training steps on a CPU, so the full run is committed and the test trains
+checks the shift on: CI cannot afford 2 x 400 training steps on a CPU, so the full run is committed and the test trains
 a few steps of the same loop.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ async def community(scratch: Path, steps: int, objective: str) -> tuple[dict, di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--objective", default="kto")
     parser.add_argument("--adherence-prompts", type=int, default=32)
     parser.add_argument("--save", type=Path, help="keep the learned LoRAs here (the test fixtures)")

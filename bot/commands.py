@@ -70,9 +70,9 @@ class AdminCommands(app_commands.Group):
 
     @app_commands.command(name="learn", description="Learn the next house style of a model from this community's votes")
     @app_commands.describe(model="The base model (default: the default model)", objective="kto: 👍 and 👎 per image; dpo: 👍 against 👎 of the same prompt; sft: 👍 only",
-                           steps="Training steps (more: a stronger style, longer)")
+                           steps="Training steps (default 400; more: a stronger style, longer)")
     async def learn(self, interaction: discord.Interaction, model: app_commands.Range[str, 1, 200] | None = None,
-                    objective: Literal["kto", "dpo", "sft"] = "kto", steps: app_commands.Range[int, 10, 5000] = 200) -> None:
+                    objective: Literal["kto", "dpo", "sft"] = "kto", steps: app_commands.Range[int, 10, 5000] | None = None) -> None:
         guild = str(interaction.guild_id) if interaction.guild_id else None
         await self.bot.start_job(interaction, lambda: self.bot.studio.submit_learn(
             user_key(interaction.user), model, objective=objective, steps=steps, guild_id=guild,

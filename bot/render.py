@@ -76,6 +76,15 @@ def job_info(job, lineage: dict[str, Any] | None) -> str:
         lines.append(f"Model: {job.model}" + (f" ({job.route_reason})" if job.route_reason else ""))
     if job.loras:
         lines.append("LoRAs: " + ", ".join(f"{lora.get('name')}:{lora.get('weight')}" for lora in job.loras))
+    if job.kind == "learn":
+        progress = settings.get("progress") or {}
+        if settings.get("summary"):
+            lines.append(settings["summary"])
+        elif progress:
+            lines.append(f"Step {progress.get('step')}/{progress.get('steps')}, loss {progress.get('loss')}")
+        if job.error:
+            lines.append(f"Note: {job.error}")
+        return clip("\n".join(lines))
     lines.append(f"Seed: {job.seed}")
     for key in ("width", "height", "steps", "cfg", "sampler", "chaos", "stylize"):
         if key in settings:

@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--user", help="a member (discord:ID): their personal style from their own ratings")
     learn.add_argument("--objective", choices=["kto", "dpo", "sft"], default="kto",
                        help="kto: liked and disliked images (Diffusion-KTO); sft: liked images only")
-    learn.add_argument("--steps", type=int, help="training steps (default: the learn_steps setting, 200)")
+    learn.add_argument("--steps", type=int, help="training steps (default: the learn_steps setting, 400)")
     learn.add_argument("--now", action="store_true",
                        help="train here and now instead of queueing a job for `dreamloom serve`")
     styles = add("styles", "List learned styles; activate (roll back or forward), deactivate or retire one.")

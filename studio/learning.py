@@ -306,7 +306,7 @@ class LearningMixin:
             if job.parameters.get("voter") == voter:
                 raise LimitReached(f"The {kind} style of {spec.name} is already being learned (job {job.id}); "
                                    "follow it with /info or `dreamloom show`.")
-        whose = f"{voter}'s personal style" if voter else "the house style"
+        whose = "a personal style (--p)" if voter else "the house style"  # the job's headline names its member
         text = f"learn {whose} of {spec.name} ({objective}, {steps} steps)"
         from storage import queue
 

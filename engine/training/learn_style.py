@@ -174,7 +174,7 @@ class StyleTrainer:
     checkpoint and resume it, then `evaluate` and `save` it. Blocking: run it on the engine's GPU thread."""
 
     def __init__(self, train: list[StyleExample], held_out: list[StyleExample], base: ModelSpec, *,
-                 objective: str = "kto", steps: int = 200, rank: int = 8, lr: float = 5e-4, beta: float | None = None,
+                 objective: str = "kto", steps: int = 400, rank: int = 8, lr: float = 5e-4, beta: float | None = None,
                  batch: int = 16, seed: int = 0, device: str = "cpu", cache_dir: Path = Path("data/cache")) -> None:
         if objective not in OBJECTIVES:
             raise InvalidRequest(f"The objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
@@ -358,7 +358,7 @@ class StyleTrainer:
 
 
 def train_style(train: list[StyleExample], held_out: list[StyleExample], base: ModelSpec, out: Path, *,
-                objective: str = "kto", steps: int = 200, rank: int = 8, lr: float = 5e-4, beta: float | None = None,
+                objective: str = "kto", steps: int = 400, rank: int = 8, lr: float = 5e-4, beta: float | None = None,
                 batch: int = 16, seed: int = 0, device: str = "cpu", cache_dir: Path = Path("data/cache"),
                 title: str | None = None, trigger: str = "", extra_metadata: dict[str, str] | None = None,
                 log=print) -> StyleReport:

@@ -130,8 +130,23 @@ class Database:
             run(config)
 
         try:
-            async with self.engine.begin() as connection:
-                await connection.run_sync(in_connection)
+            async with self.engine.connect() as connection:
+                # SQLite changes a constraint by rebuilding the table; with foreign keys on, dropping a table that
+                # others point at breaks them. SQLite's own procedure: keys off outside the transaction, migrate,
+                # check every key, keys on again.
+                if self.is_sqlite:
+                    await connection.run_sync(_sqlite_foreign_keys, False)
+                try:
+                    async with connection.begin():
+                        await connection.run_sync(in_connection)
+                        if self.is_sqlite:
+                            broken = (await connection.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                            if broken:
+                                raise ConfigError(f"A migration left {len(broken)} broken reference(s), e.g. "
+                                                  f"{tuple(broken[0])}; nothing was changed.")
+                finally:
+                    if self.is_sqlite:
+                        await connection.run_sync(_sqlite_foreign_keys, True)
         except (OperationalError, DBAPIError, OSError) as error:
             raise ConfigError(f"Cannot open the database ({self.safe_url}): {str(error).splitlines()[0][:200]}") from None
 
@@ -147,6 +162,14 @@ class Database:
         """Close every pooled connection (after the units of work still running have finished)."""
         await settle()
         await self.engine.dispose()
+
+
+def _sqlite_foreign_keys(sync_connection, on: bool) -> None:
+    # On the driver's connection, outside any transaction: inside one SQLite ignores the pragma, and a statement
+    # through SQLAlchemy would begin one (BEGIN IMMEDIATE, below).
+    cursor = sync_connection.connection.dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+    cursor.close()
 
 
 def _sqlite_on_connect(dbapi_connection, _record) -> None:

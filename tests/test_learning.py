@@ -237,7 +237,7 @@ def test_the_full_loop_shifts_the_communitys_and_a_members_taste_and_keeps_adher
     from safetensors import safe_open
 
     from engine.registry import load_registry
-    from engine.training.tastes import adherence, neutral_prompts, taste, taste_share
+    from engine.training.tastes import adherence, neutral_prompts, taste, taste_share, taste_shares
     from storage.learning import held_out_prompt
 
     figures = json.loads((LEARNED / "figures.json").read_text())
@@ -253,15 +253,14 @@ def test_the_full_loop_shifts_the_communitys_and_a_members_taste_and_keeps_adher
     engine = Engine(load_registry(tmp_path / "models.toml"), tmp_path / "cache", device="cpu")
     try:
         held_out = [prompt for prompt in neutral_prompts() if held_out_prompt(prompt)]
+        tastes = {name: taste(figures[name]["taste"]) for name in ("house", "personal")}
+        base = taste_shares(engine, held_out, tastes)  # one set of base images for both tastes
         measured = {}
-        for name, liked in (("house", figures["house"]["taste"]), ("personal", figures["personal"]["taste"])):
-            predicate = taste(liked)
-            base = taste_share(engine, held_out, predicate)
+        for name, predicate in tastes.items():
             styled = taste_share(engine, held_out, predicate, f" <lora:{name}:1>")
-            kept = adherence(engine, f" <lora:{name}:1>")
-            measured[name] = (base, styled, kept)
-        for name, (base, styled, kept) in measured.items():
-            assert styled >= 3 * base and styled > 0, (name, measured)
+            measured[name] = (base[name], styled, adherence(engine, f" <lora:{name}:1>"))
+        for name, (base_share, styled, kept) in measured.items():
+            assert styled >= 3 * base_share and styled > 0, (name, measured)
             assert kept >= 0.95, (name, measured)
     finally:
         engine.close()

@@ -32,13 +32,20 @@ def neutral_prompts() -> list[str]:
     return [f"a {size}{shape}{place}" for shape in SHAPES for place in PLACES for size in SIZES]
 
 
-def taste_share(engine, prompts: list[str], predicate, suffix: str = "", seed_base: int = 50_000) -> float:
-    """The share of images (a grid of four per prompt, fixed seeds, 12 steps) that have the taste."""
-    hits = []
+def taste_shares(engine, prompts: list[str], predicates: dict, suffix: str = "", seed_base: int = 50_000) -> dict:
+    """For each named predicate, the share of images (a grid of four per prompt, fixed seeds, 12 steps) that have
+    it; one set of images serves them all."""
+    hits: dict = {name: [] for name in predicates}
     for index, prompt in enumerate(prompts):
         result = engine.imagine(ImagineRequest(parse_prompt(f"{prompt}{suffix} --seed {seed_base + index * 4} --steps 12")))
-        hits += [predicate(image) for image in result.images]
-    return float(np.mean(hits))
+        for name, predicate in predicates.items():
+            hits[name] += [predicate(image) for image in result.images]
+    return {name: float(np.mean(found)) for name, found in hits.items()}
+
+
+def taste_share(engine, prompts: list[str], predicate, suffix: str = "", seed_base: int = 50_000) -> float:
+    """The share of images (a grid of four per prompt, fixed seeds, 12 steps) that have the taste."""
+    return taste_shares(engine, prompts, {"taste": predicate}, suffix, seed_base)["taste"]
 
 
 def adherence(engine, suffix: str = "", count: int = 32) -> float:

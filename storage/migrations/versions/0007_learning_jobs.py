@@ -13,6 +13,7 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # On SQLite this rebuilds the table (Database._migrate turns foreign keys off around it, as SQLite asks).
     with op.batch_alter_table("jobs") as batch:
         batch.drop_constraint("ck_jobs_kind", type_="check")
         batch.create_check_constraint("ck_jobs_kind", "kind IN ('imagine', 'upscale', 'vary', 'reroll', 'learn')")

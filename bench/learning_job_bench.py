@@ -39,7 +39,10 @@ async def grids_under(studio: Studio, worker: Worker, count: int, gap_s: float, 
     for index in range(count):
         queued.append(await studio.submit_imagine("discord:42", f"a star at the top --seed {index} --steps 12"))
         await asyncio.sleep(gap_s)
-    while any((await studio.job(job.id)).status != "done" for job in queued):
+    async def all_done() -> bool:
+        return all([(await studio.job(job.id)).status == "done" for job in queued])
+
+    while not await all_done():
         await asyncio.sleep(0.1)
     done = [await studio.job(job.id) for job in queued]
     waits = [(job.finished_at - job.created_at).total_seconds() for job in done]

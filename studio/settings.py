@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     )
     learn_slice_seconds: float = Field(
         10.0, gt=0, description="Longest stretch of training between two waiting generations (a learning job "
-        "checkpoints, then lets one generation run, then trains on).")
+        "checkpoints, then lets waiting generations run for as long again, then trains on).")
     learn_steps: int = Field(400, ge=1, le=100_000, description="Training steps of a learned style (house or --p).")
     learn_every: str | None = Field(
         None, description="Learn each base model's house style again on this interval (e.g. 7d, 12h; none: only "

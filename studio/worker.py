@@ -169,7 +169,7 @@ class Worker:
 
     async def _learn(self, job: Job, cancel: threading.Event) -> None:
         """A learning job: train in bounded slices on the engine's thread (the one GPU lock), checkpoint after each
-        slice and let one waiting generation run before the next, so members still get their grids; then evaluate,
+        slice and let waiting generations run before the next, so members still get their grids; then evaluate,
         keep the version (active if it beats the base) and finish the job. A restart resumes from the checkpoint."""
         loop = asyncio.get_running_loop()
         parameters = job.parameters or {}
@@ -201,7 +201,7 @@ class Worker:
                 if self.stop is not None and self.stop.is_set():
                     raise LearningPaused(f"Paused at step {trainer.step} of {trainer.steps} by a shutdown; it "
                                          "resumes from there.")
-                await self.run_one(exclude_kinds=("learn",))  # one waiting generation between two slices
+                await self._generations_between_slices()
             evaluation = await self.engine.call_async(self.studio.finish_training, plan, trainer)
         except GenerationCancelled:
             if not self.interrupt.is_set():
@@ -216,6 +216,15 @@ class Worker:
             self.studio.publish(ProgressEvent(job.id, "done"))
             log.info("job %s done: %s", job.id, view.summary())
         checkpoint.unlink(missing_ok=True)
+
+    async def _generations_between_slices(self) -> None:
+        """Run waiting generations for up to one slice's time (all of them when the queue is short): under load
+        members and the learning job share the GPU about half and half, and an idle queue costs training nothing."""
+        budget = self.studio.settings.learn_slice_seconds
+        started = time.monotonic()
+        while time.monotonic() - started < budget and not (self.stop is not None and self.stop.is_set()):
+            if not await self.run_one(exclude_kinds=("learn",)):
+                return
 
     async def _generate(self, job: Job, cancel: threading.Event) -> GenerationResult:
         loop = asyncio.get_running_loop()

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 MIN_HOUSE = 8  # liked and disliked images each, with verified votes, before a house style is learned
 MIN_PERSONAL = 8  # a member's own ratings, liked and disliked each, before their --p is learned
 TRAINABLE_FAMILIES = ("starter", "sd15")  # the trainer's UNet + one CLIP text encoder
-OBJECTIVES = ("kto", "dpo", "sft")
-STYLE_PICTURES = ("before-after", "loss")  # kept beside each learned LoRA  # engine.training.learn_style's, named here so checks need no torch
+OBJECTIVES = ("kto", "dpo", "sft")  # engine.training.learn_style's, named here so checks need no torch
+STYLE_PICTURES = ("before-after", "loss")  # kept beside each learned LoRA
 
 
 @dataclass
@@ -97,6 +97,17 @@ class StyleView:
             return f"{self.name} is now the active {whose} of {self.base_model} ({scored})."
         reason = self.evaluation.get("not_promoted", self.status)
         return f"{self.name} was learned but is not in use: {reason} ({scored})."
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise InvalidRequest(f"The objective is one of {', '.join(OBJECTIVES)}; got {objective!r}.")
+
+
+async def _learning_jobs(session, model: str) -> list[Job]:
+    """The learning jobs of a base model still queued or running."""
+    return list((await session.scalars(select(Job).where(
+        Job.kind == "learn", Job.model == model, Job.status.in_(("queued", "running"))))).all())
 
 
 def _safe(text: str) -> str:
@@ -191,8 +202,7 @@ class LearningMixin:
                             steps: int | None = None) -> LearningPlan:
         """Everything a learning run needs before its first step: the data (captions without trigger words, split
         by prompt), the next version's name and folder."""
-        if objective not in OBJECTIVES:
-            raise InvalidRequest(f"The objective is one of {', '.join(OBJECTIVES)}; got {objective!r}.")
+        _check_objective(objective)
         spec, rows = await self._rated(model, voter)
         kind = "personal" if voter else "house"
         triggers = {word.lower() for row in rows for name in row.loras if name in self.registry.loras
@@ -294,14 +304,12 @@ class LearningMixin:
                            channel_id: str | None = None) -> Any:
         """Queue a learning job (house style, or `voter`'s personal style): checked now, so too few ratings are
         answered at once; one such job per style at a time."""
-        if objective not in OBJECTIVES:
-            raise InvalidRequest(f"The objective is one of {', '.join(OBJECTIVES)}; got {objective!r}.")
+        _check_objective(objective)
         spec, _ = await self._rated(model, voter)
         steps = steps or self.settings.learn_steps
         kind = "personal" if voter else "house"
         async with self.db.session() as session:
-            waiting = (await session.scalars(select(Job).where(
-                Job.kind == "learn", Job.model == spec.name, Job.status.in_(("queued", "running"))))).all()
+            waiting = await _learning_jobs(session, spec.name)
         for job in waiting:
             if job.parameters.get("voter") == voter:
                 raise LimitReached(f"The {kind} style of {spec.name} is already being learned (job {job.id}); "
@@ -336,9 +344,7 @@ class LearningMixin:
                     LearnedStyle.kind == "house", LearnedStyle.base_model == spec.name))
                 if last is not None and now - last < interval:
                     continue
-                busy = await session.scalar(select(func.count()).select_from(Job).where(
-                    Job.kind == "learn", Job.model == spec.name, Job.status.in_(("queued", "running"))))
-                if busy:
+                if await _learning_jobs(session, spec.name):
                     continue
                 new_votes = await verified_votes_since(session, spec.name, last)
                 if new_votes >= self.settings.learn_min_new_votes:

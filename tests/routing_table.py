@@ -1,9 +1,13 @@
 """The routing table: prompts as members write them, with the model and LoRAs a person would pick on the starter kit.
 
-Written before any tuning, in two parts: TUNE (what the router's examples and margins may be set from) and TEST
-(never looked at while tuning; the figure the README reports). Each row: (prompt, model, LoRAs).
-S is the default model (shapes, and anything in no special style), N the anime/pastel model; `outline` is line art
-and ink, `night` a night-time palette.
+Each row: (prompt, model, LoRAs). S is the default model (shapes, and anything in no special style), N the
+anime/pastel model; `outline` is line art and ink, `night` a night-time palette.
+
+- TUNE (151 rows): what the router's examples and margins may be set from. Its first 77 rows were written as the
+  tuning part and its last 74 as a test part before any tuning; while trying an example-based router I looked at
+  that test part's misses, so it moved here rather than be reported as held out.
+- TEST (80 rows): written afterwards, before the example prompts in models.toml and the margins were written or
+  fitted, and never tuned on: the figure the README reports.
 """
 from __future__ import annotations
 
@@ -93,9 +97,6 @@ TUNE = [
     ("a green square <lora:outline:0.7>", S, ["outline"]),
     ("a red circle --no night", S, []),
     ("a blue circle --lora night:0.5", S, ["night"]),
-]
-
-TEST = [
     # No special style.
     ("a blue triangle", S, []),
     ("a white star at the bottom, flat style", S, []),
@@ -176,4 +177,93 @@ TEST = [
     ("a yellow star <lora:outline> <lora:night:0.8>", S, ["outline", "night"]),
     ("a blue square --model starter-shapes", S, []),
     ("an anime star --model starter-shapes", S, []),
+]
+
+TEST = [
+    # No special style.
+    ("a purple circle in the center", S, []),
+    ("an orange square on a green background", S, []),
+    ("a large red triangle at the top, gradient style", S, []),
+    ("a tiny black star on white", S, []),
+    ("a lighthouse on a rocky coast", S, []),
+    ("a bicycle leaning against a brick wall", S, []),
+    ("a family having a picnic in the park", S, []),
+    ("a glass of orange juice on a kitchen counter", S, []),
+    ("a red barn in a wheat field", S, []),
+    ("a portrait photo of a smiling man with glasses", S, []),
+    ("a waterfall in a tropical jungle", S, []),
+    ("a chess board with wooden pieces", S, []),
+    ("an impressionist painting of a garden", S, []),
+    ("a yellow taxi in new york", S, []),
+    ("a green frog on a lily pad", S, []),
+    ("a pile of colourful autumn leaves", S, []),
+    ("a modern glass skyscraper at noon", S, []),
+    ("a white square and a blue circle", S, []),
+    ("a basket of eggs", S, []),
+    ("a low poly mountain, 3d", S, []),
+    ("a child flying a kite on the beach", S, []),
+    ("an aerial view of farmland", S, []),
+    ("a steam train crossing a viaduct", S, []),
+    ("a pink flamingo standing in water", S, []),
+    ("a simple blue gradient background", S, []),
+    # Anime and manga looks.
+    ("a fox spirit girl in anime style", N, []),
+    ("a cute magical cat familiar, kawaii", N, []),
+    ("a schoolgirl running late with toast in her mouth", N, []),
+    ("a bishounen prince with long silver hair", N, []),
+    ("an anime landscape of a summer countryside", N, []),
+    ("a manga heroine with a big sword", N, []),
+    ("chibi version of a knight", N, []),
+    ("a yandere girl smiling", N, []),
+    ("a tsundere character blushing", N, []),
+    ("an anime boy on a rooftop", N, []),
+    ("a pastel kawaii cupcake with a face", N, []),
+    ("a sailor moon style heroine", N, []),
+    ("a japanese animated film scene of a train by the sea", N, []),
+    ("a vtuber avatar with cat ears", N, []),
+    ("a mahou shoujo with a star wand", N, []),
+    ("cute anime mascot of a bakery", N, []),
+    ("a shonen battle scene with energy blasts", N, []),
+    ("a light novel illustration of a dragon girl", N, []),
+    # Line art and ink.
+    ("a line drawing of a bicycle", S, ["outline"]),
+    ("an ink drawing of a dragon", S, ["outline"]),
+    ("a pen sketch of a city street", S, ["outline"]),
+    ("outlined red triangle", S, ["outline"]),
+    ("a colouring book page of a unicorn", S, ["outline"]),
+    ("a comic panel of a robot", S, ["outline"]),
+    ("a cartoon of a happy sun", S, ["outline"]),
+    ("a tattoo design of a snake, bold lines", S, ["outline"]),
+    ("a linocut of a wave", S, ["outline"]),
+    ("black ink illustration of an octopus", S, ["outline"]),
+    ("a blueprint style line drawing of a chair", S, ["outline"]),
+    ("clean lineart of a flower", S, ["outline"]),
+    ("a hand-drawn sketch of an apple, ink lines", S, ["outline"]),
+    ("a cartoon style pig with thick outlines", S, ["outline"]),
+    # Night.
+    ("a green square at night", S, ["night"]),
+    ("a city at midnight", S, ["night"]),
+    ("a moonlit path through the forest", S, ["night"]),
+    ("stars shining over a desert", S, ["night"]),
+    ("a wolf howling at the moon", S, ["night"]),
+    ("a night market with paper lanterns", S, ["night"]),
+    ("a dark street after sunset, lit by lamps", S, ["night"]),
+    ("a campsite at night", S, ["night"]),
+    ("an observatory under a starry sky", S, ["night"]),
+    ("a nighttime harbour with boats", S, ["night"]),
+    ("a cat on a roof under the moon", S, ["night"]),
+    ("a purple triangle in the night sky", S, ["night"]),
+    ("a bridge at night, long exposure", S, ["night"]),
+    ("a graveyard at midnight", S, ["night"]),
+    # Together.
+    ("an anime couple watching fireworks at night", N, ["night"]),
+    ("a comic book villain in a dark alley at night", S, ["outline", "night"]),
+    ("a kawaii moon and stars at night", N, ["night"]),
+    ("an ink drawing of an owl at night", S, ["outline", "night"]),
+    ("a manga scene inked in black lines", N, ["outline"]),
+    # Explicit choices.
+    ("a green circle --niji", N, []),
+    ("a yellow star --model starter-niji <lora:night>", N, ["night"]),
+    ("an anime girl at night --model starter-shapes --no night", S, []),
+    ("a red square <lora:outline:1.2>", S, ["outline"]),
 ]

@@ -24,11 +24,12 @@ from dreamloom.errors import ConfigError, UnknownModel
 from engine.families import FAMILIES
 
 _DEFAULT_FIELDS = {"steps", "sampler", "cfg", "size"}
-_MODEL_FIELDS = {"name", "path", "family", "config", "description", "tags", "triggers", "keywords", "defaults",
+_MODEL_FIELDS = {"name", "path", "family", "config", "description", "tags", "triggers", "keywords", "examples", "defaults",
                  "vae", "clip_skip", "prediction_type", "zero_terminal_snr", "variant", "refiner", "refiner_switch"}
 _EMBEDDING_FIELDS = {"name", "path", "family", "description"}
+_ROUTING_FIELDS = {"max_loras", "model_margin", "lora_margin", "top_k"}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-_LORA_FIELDS = {"name", "path", "family", "description", "tags", "triggers", "keywords", "weight", "group"}
+_LORA_FIELDS = {"name", "path", "family", "description", "tags", "triggers", "keywords", "examples", "weight", "group"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class ModelSpec:
     defaults: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     triggers: tuple[str, ...] = ()  # words that select this model when a prompt contains them
     keywords: tuple[str, ...] = ()  # weaker hints, checked after every entry's trigger words
+    # Prompts in this model's style, as members write them: routing compares new prompts with them. The default
+    # model's examples stand for prompts in no special style.
+    examples: tuple[str, ...] = ()
     vae: Path | None = None  # a VAE to use instead of the checkpoint's own (file or diffusers folder)
     clip_skip: int = 1  # A1111's "Clip skip": 1 reads the text encoder's last layer, 2 the one before it
     prediction_type: str | None = None  # "v_prediction" for v-pred checkpoints (else the checkpoint's own)
@@ -83,6 +87,7 @@ class LoraSpec:
     tags: tuple[str, ...] = ()
     triggers: tuple[str, ...] = ()  # added to the prompt when missing: the LoRA was trained with them
     keywords: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()  # prompts this LoRA suits, as members write them (routing compares with them)
     weight: float = 0.8
     group: str | None = None  # LoRAs of one group conflict (e.g. two palettes): at most one is applied
 
@@ -95,7 +100,7 @@ class Registry:
     default: str
     source: Path | None = None
     loras: dict[str, LoraSpec] = field(default_factory=dict)
-    routing: dict[str, Any] = field(default_factory=dict)  # similarity_threshold, max_loras
+    routing: dict[str, Any] = field(default_factory=dict)  # max_loras, model_margin, lora_margin, top_k
 
     def lora(self, name: str) -> LoraSpec:
         """The LoRA called `name`; unknown names list the registered ones."""
@@ -152,6 +157,17 @@ def _words(raw: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value)
 
 
+MAX_EXAMPLES = 200  # per entry: routing embeds them all when models.toml is read
+MAX_EXAMPLE_CHARS = 300
+
+
+def _examples(raw: dict[str, Any], where: str) -> tuple[str, ...]:
+    examples = _words(raw, "examples", where)
+    if len(examples) > MAX_EXAMPLES or any(len(e) > MAX_EXAMPLE_CHARS for e in examples):
+        raise ConfigError(f"{where}: at most {MAX_EXAMPLES} examples of up to {MAX_EXAMPLE_CHARS} characters each.")
+    return examples
+
+
 def _checked(raw: Any, index: int, table: str, kind: str, fields: set[str]) -> str:
     """The checks every [[models]] and [[loras]] entry shares; returns how messages name the entry."""
     where = f"models.toml: [[{table}]] entry {index + 1}"
@@ -188,7 +204,7 @@ def _lora_entry(raw: dict[str, Any], index: int, base: Path) -> LoraSpec:
     return LoraSpec(name=raw["name"], path=_relative_to(base, raw["path"]), family=raw["family"],
                     description=str(raw.get("description", "")), tags=_words(raw, "tags", where),
                     triggers=_words(raw, "triggers", where), keywords=_words(raw, "keywords", where),
-                    weight=float(weight), group=group)
+                    examples=_examples(raw, where), weight=float(weight), group=group)
 
 
 def _embedding_entry(raw: dict[str, Any], index: int, base: Path) -> EmbeddingSpec:
@@ -242,7 +258,7 @@ def _entry(raw: dict[str, Any], index: int, base: Path) -> ModelSpec:
         config=_relative_to(base, raw["config"]) if raw.get("config") else None,
         description=str(raw.get("description", "")), tags=tuple(tags), defaults=dict(defaults),
         triggers=_words(raw, "triggers", where), keywords=_words(raw, "keywords", where),
-        vae=_relative_to(base, raw["vae"]) if raw.get("vae") else None, clip_skip=clip_skip,
+        examples=_examples(raw, where), vae=_relative_to(base, raw["vae"]) if raw.get("vae") else None, clip_skip=clip_skip,
         prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr, variant=raw.get("variant"),
         refiner=_relative_to(base, raw["refiner"]) if raw.get("refiner") else None, refiner_switch=float(switch),
     )
@@ -295,6 +311,18 @@ def load_registry(path: Path) -> Registry:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; known: default, models, loras, "
                           "embeddings, routing.")
     routing = data.get("routing", {})
-    if not isinstance(routing, dict) or set(routing) - {"similarity_threshold", "max_loras"}:
-        raise ConfigError(f"{path}: [routing] takes similarity_threshold and max_loras.")
+    if isinstance(routing, dict) and "similarity_threshold" in routing:
+        raise ConfigError(f"{path}: [routing] similarity_threshold is gone: routing now compares a prompt with each "
+                          "entry's examples and with the default model's (no special style) and decides by margins; "
+                          "use model_margin and lora_margin (see README), or remove the line for the calibrated defaults.")
+    if not isinstance(routing, dict) or set(routing) - _ROUTING_FIELDS:
+        raise ConfigError(f"{path}: [routing] takes {', '.join(sorted(_ROUTING_FIELDS))}.")
+    for key in ("model_margin", "lora_margin"):
+        value = routing.get(key, 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not -1 <= value <= 1:
+            raise ConfigError(f"{path}: [routing] {key} must be a number from -1 to 1 (a difference of cosine similarities).")
+    for key, low, high in (("max_loras", 0, 10), ("top_k", 1, 20)):
+        value = routing.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(f"{path}: [routing] {key} must be a whole number from {low} to {high}.")
     return Registry(models=models, default=default, source=path, loras=loras, routing=dict(routing))

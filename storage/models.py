@@ -4,7 +4,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
+                        String, Text)
 from sqlalchemy.sql.expression import true as sa_true
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -238,3 +239,24 @@ class LearnedStyle(Base):
     activated_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (Index("ix_learned_styles_lookup", "kind", "base_model", "owner_id", "status"),)
+
+
+class RouteExampleRow(Base):
+    """A prompt a server's router learned from: a member chose a model or LoRA for it themselves (`--model`,
+    `--niji`, `<lora:...>`) and verified members liked the result. Per server (`scope`: the guild id, or "" for the
+    web and the CLI), bounded, decaying by age (`learned_at`), removable."""
+
+    __tablename__ = "route_examples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    scope: Mapped[str] = mapped_column(String(100), default="")
+    text: Mapped[str] = mapped_column(String(300))
+    target: Mapped[str] = mapped_column(String(200))  # a registered model or LoRA name
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)  # float32, unit length (engine.routing.example_vector)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    chosen_by: Mapped[str] = mapped_column(String(100))
+    up_votes: Mapped[int] = mapped_column(Integer, default=0)  # verified up-votes from others when it was learned
+    learned_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("uq_route_examples", "scope", "target", "text", unique=True),
+                      Index("ix_route_examples_scope_learned", "scope", "learned_at"))

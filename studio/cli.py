@@ -175,12 +175,41 @@ def cmd_upscale(args, settings) -> dict[str, Any]:
     return _finish(args, settings, "upscale", prompt.raw, result, started_at, Path(args.image), mode)
 
 
+def _has_database(settings) -> bool:
+    return bool(settings.database_url) or (Path(settings.data_dir) / "dreamloom.db").is_file()
+
+
 def cmd_route(args, settings) -> dict[str, Any]:
+    """The decision for a prompt; with a database, with the learned examples of `--guild` (or of the web/CLI)."""
+    import asyncio
+
     from engine.params import parse_prompt
     from engine.registry import load_registry
     from engine.routing import route
 
-    return route(load_registry(settings.registry), parse_prompt(args.prompt)).to_dict()
+    if not _has_database(settings):
+        return route(load_registry(settings.registry), parse_prompt(args.prompt)).to_dict(explain=args.explain)
+
+    async def work(studio):
+        await studio.refresh_route_examples(args.guild)
+        return studio.route(args.prompt, owner=True, guild_id=args.guild).to_dict(explain=args.explain)
+
+    return asyncio.run(_with_studio(settings, work))
+
+
+def cmd_route_examples(args, settings) -> dict[str, Any]:
+    """List the learned routing examples, or forget some."""
+    import asyncio
+
+    async def work(studio):
+        forgotten = None
+        if args.forget or args.forget_all:
+            forgotten = await studio.forget_route_examples(ids=args.forget, guild_id=args.guild, target=args.target,
+                                                           all_servers=args.all)
+        listed = await studio.route_examples(args.guild, args.target, all_servers=args.all)
+        return {"forgotten": forgotten, "examples": listed}
+
+    return asyncio.run(_with_studio(settings, work))
 
 
 def cmd_train_lora(args, settings) -> dict[str, Any]:
@@ -405,13 +434,37 @@ def cmd_db(args, settings) -> dict[str, Any]:
     return asyncio.run(work())
 
 
+def _explanation_lines(explanation: dict[str, Any]) -> list[str]:
+    """`route --explain`: each entry's score and nearest examples, then the margins the decision compared."""
+    lines = [f"scores (mean similarity of the {explanation['top_k']} nearest examples; "
+             f"{explanation['learned_examples']} learned example(s) on this server):"]
+    for name, score in explanation.get("scores", {}).items():
+        lines.append(f"  {name:<18} {score['score']:.3f}")
+        lines += [f"      {similarity:.3f}  {text}  [{source}]" for text, similarity, source in score["nearest"]]
+    for kind, needed in (("models", explanation["model_margin"]), ("loras", explanation["lora_margin"])):
+        for name, margin in explanation.get(kind, {}).items():
+            verdict = "chosen by margin" if margin["margin"] >= needed else "not chosen"
+            lines.append(f"  {name}: margin {margin['margin']:+.3f} over {margin['rival']} (needs {needed:+.2f}): {verdict}")
+    return lines
+
+
 def _human(command: str, document: dict[str, Any]) -> str:
     if command in ("serve",):
         return ""
     if command == "route":
         loras = ", ".join(f"{l['name']}:{l['weight']}" for l in document["loras"]) or "none"
-        return "\n".join([f"model: {document['model']}", f"LoRAs: {loras}", f"prompt: {document['prompt']}",
-                          *(f"  - {reason}" for reason in document["reasons"])])
+        lines = [f"model: {document['model']}", f"LoRAs: {loras}", f"prompt: {document['prompt']}",
+                 *(f"  - {reason}" for reason in document["reasons"])]
+        if "explanation" in document:
+            lines += _explanation_lines(document["explanation"])
+        return "\n".join(lines)
+    if command == "route-examples":
+        lines = [f"forgot {document['forgotten']} example(s)"] if document["forgotten"] is not None else []
+        lines += [f"#{e['id']:<6} {e['target']:<16} weight {e['weight']:.2f}  {e['server']:<20} {e['text']}"
+                  f"  (chosen by {e['chosen_by']}, {e['up_votes']} up-vote(s), {e['learned_at'][:10]})"
+                  for e in document["examples"]]
+        return "\n".join(lines) or ("no learned routing examples yet: they come from prompts whose members chose a "
+                                    "model or LoRA themselves and that others up-voted")
     if command == "train-lora":
         return f"wrote {document['out']} ({document['steps']} steps on {document['images']} images, loss {document['first_loss']} -> {document['last_loss']})"
     if command == "learn" and "kind" in document and document["kind"] == "learn":
@@ -532,6 +585,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("models", "List the registered models and LoRAs.")
     route_parser = add("route", "Show which model and LoRAs a prompt would use, and why (generates nothing).")
     route_parser.add_argument("prompt")
+    route_parser.add_argument("--explain", action="store_true",
+                              help="show each entry's nearest examples and the margins behind the decision")
+    route_parser.add_argument("--guild", help="route with this Discord server's learned examples (default: the web/CLI's)")
+    examples_parser = add("route-examples", "List the routing examples learned from members' explicit choices, or "
+                                            "forget some.")
+    examples_parser.add_argument("--guild", help="this Discord server's examples (default: the web/CLI's)")
+    examples_parser.add_argument("--all", action="store_true", help="every server's examples")
+    examples_parser.add_argument("--target", help="only the examples of this model or LoRA")
+    examples_parser.add_argument("--forget", type=int, nargs="+", metavar="ID", help="remove these examples")
+    examples_parser.add_argument("--forget-all", action="store_true",
+                                 help="remove every listed example (of --guild / --all, --target)")
     train = add("train-lora", "Train a LoRA on a dataset folder (e.g. from `dreamloom export`); writes kohya's layout.")
     train.add_argument("dataset", help="an imagefolder (metadata.jsonl), a kohya folder of `N_trigger class/` "
                                        "subfolders, or images with .caption / .txt captions")
@@ -605,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "imagine": cmd_imagine, "vary": cmd_vary, "upscale": cmd_upscale, "models": cmd_models, "serve": cmd_serve,
     "submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel, "vote": cmd_vote, "ban": cmd_ban,
-    "export": cmd_export, "db": cmd_db, "route": cmd_route, "train-lora": cmd_train_lora, "learn": cmd_learn,
+    "export": cmd_export, "db": cmd_db, "route": cmd_route, "route-examples": cmd_route_examples, "train-lora": cmd_train_lora, "learn": cmd_learn,
     "styles": cmd_styles,
 }
 

@@ -23,7 +23,7 @@ from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFoun
 from engine.images import make_grid, open_image
 from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry
-from engine.routing import RouteDecision, prepare_routing, route
+from engine.routing import prepare_routing
 from storage import queue, sessions, votes
 from storage.database import Database, sqlite_url, uninterrupted
 from storage.export import ExportFilter, ExportReport, KohyaLayout, export_dataset
@@ -32,6 +32,7 @@ from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guil
 from storage.models import Guild, Image, Job
 from studio.guilds import GuildSettings
 from studio.learning import LearningMixin
+from studio.routing import RoutingMixin
 from studio.outputs import image_pngs
 from studio.settings import Settings
 from studio.signin import WebMember, authorize_url, fetch_account, new_pkce_pair
@@ -104,7 +105,7 @@ class ProgressEvent:
     message: str = ""
 
 
-class Studio(LearningMixin):
+class Studio(LearningMixin, RoutingMixin):
     """Jobs, queue, votes and lineage over one database and one image store; learned styles (studio/learning.py)."""
 
     def __init__(self, settings: Settings, db: Database, store: ImageStore, registry: Registry) -> None:
@@ -119,6 +120,7 @@ class Studio(LearningMixin):
         self._registry_mtime = Path(settings.registry).stat().st_mtime_ns if Path(settings.registry).is_file() else None
         self.learned_loras = {}
         self._active_styles = {}
+        self._route_memory = {}
 
     @classmethod
     async def open(cls, settings: Settings) -> Studio:
@@ -135,17 +137,9 @@ class Studio(LearningMixin):
 
     # -- what is installed ----------------------------------------------------------------------------
 
-    def check_prompt(self, text: str, *, owner: bool = False) -> None:
+    def check_prompt(self, text: str, *, owner: bool = False, guild_id: str | None = None) -> None:
         """Check a prompt's syntax, model and LoRAs without queueing it (no database): front doors answer at once."""
-        self.route(text, owner=owner)
-
-    def route(self, text: str, *, owner: bool = False) -> RouteDecision:
-        """The model and LoRAs a prompt would run on, and why (`dreamloom route`).
-
-        Only the machine's `owner` (the local CLI) may name a model by its path; members name registered models.
-        """
-        self.refresh_registry()
-        return route(self.registry, parse_prompt(text), allow_paths=owner)
+        self.route(text, owner=owner, guild_id=guild_id)
 
     async def prepare_routing(self) -> None:
         """Load what routing needs ahead of the first prompt (front doors call it as they start)."""
@@ -217,7 +211,8 @@ class Studio(LearningMixin):
             user = await queue.ensure_user(session, user_id)
             defaults = dict(user.defaults)
         text = apply_defaults(text, defaults)
-        decision = self.route(text, owner=owner)
+        await self.refresh_route_examples(guild_id)
+        decision = self.route(text, owner=owner, guild_id=guild_id)
         prompt, spec = decision.prompt, decision.spec
         learned, learned_reason = await self.learned_choices(prompt, spec, user_id)
         # A model from a path is kept as its path: the worker must not look its folder name up in the registry.
@@ -428,7 +423,13 @@ class Studio(LearningMixin):
                 raise NotAllowed("You are banned from this studio; ask a server admin.")
             await votes.set_vote(session, user_id, image_id, value, source, verified=verified,
                                  max_per_minute=None if source == "cli" else self.settings.max_votes_per_minute)
-            return await votes.tally(session, image_id)
+            tally = await votes.tally(session, image_id)
+        if value == 1 and verified:
+            try:
+                await self.learn_route_example(image_id)
+            except DreamloomError as error:  # the vote stands even when routing cannot learn from it
+                log.warning("routing did not learn from image %s: %s", image_id, error)
+        return tally
 
     @uninterrupted
     async def vote_of(self, image_id: int, user_id: str) -> int:

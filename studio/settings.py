@@ -110,6 +110,16 @@ class Settings(BaseSettings):
         "when an admin asks).")
     learn_min_new_votes: int = Field(
         50, ge=1, description="Verified votes since the last version a scheduled learning run needs.")
+    route_learning: bool = Field(
+        True, description="Learn routing examples from members' explicit choices (--model, --niji, <lora:...>) whose "
+        "results other verified members up-voted.")
+    route_learn_min_upvotes: int = Field(
+        1, ge=1, description="Verified up-votes from members other than its author a job needs before its prompt "
+        "becomes a routing example.")
+    route_examples_max: int = Field(
+        10_000, ge=0, le=1_000_000, description="Learned routing examples kept per server; past it the oldest go.")
+    route_example_half_life_days: float = Field(
+        90.0, gt=0, description="Age at which a learned routing example counts half; below a quarter it stops counting.")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings,

@@ -56,7 +56,7 @@ def test_migrations_from_empty_to_head_and_back(database_url):
         db = Database(database_url)
         assert await db.revision() is None
         await db.upgrade()
-        assert await db.revision() == Database.head() == "0007"
+        assert await db.revision() == Database.head() == "0008"
         async with db.engine.connect() as connection:
             tables = await connection.run_sync(lambda sync: set(inspect(sync).get_table_names()))
         assert {"jobs", "images", "votes", "users", "guilds", "favourites", "job_loras", "learned_styles"} <= tables

@@ -56,6 +56,10 @@ bench: setup system-packages
 	$(PYTHON) bench/ecosystem_bench.py
 	$(PYTHON) bench/learning_bench.py  # about 20 minutes on 2 CPU cores
 	$(PYTHON) bench/learning_job_bench.py
+	$(PYTHON) bench/routing_table_bench.py
+	$(PYTHON) bench/routing_latency_bench.py
+	$(PYTHON) bench/route_learning_bench.py
+	$(PYTHON) -m engine.training.kit_checks
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

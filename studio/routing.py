@@ -68,15 +68,12 @@ class RoutingMixin:
             up_votes = await session.scalar(
                 select(func.count(func.distinct(Vote.user_id))).join(Image, Image.id == Vote.image_id).where(
                     Image.job_id == job.id, Vote.value == 1, Vote.verified.is_(True), Vote.user_id != job.user_id))
-            job_id, author, raw, scope = job.id, job.user_id, job.raw_prompt, scope_of(job.guild_id)
+            job_id, author, scope = job.id, job.user_id, scope_of(job.guild_id)
+            chosen = (job.parameters or {}).get("chosen") or {}
+            targets = [t for t in chosen.get("targets", []) if t in self.registry.models or t in self.registry.loras]
+            text = str(chosen.get("text", "")).strip()
         if up_votes < self.settings.route_learn_min_upvotes:
             return 0
-        try:
-            prompt = parse_prompt(raw)
-        except Exception:  # a prompt that parsed when it was queued may not after a syntax change: nothing to learn
-            return 0
-        targets = self._explicit_targets(prompt)
-        text = prompt.prompt.strip()
         if not targets or not text:
             return 0
         vector = await asyncio.to_thread(example_vector, text)
@@ -90,7 +87,8 @@ class RoutingMixin:
         return len(targets)
 
     def _explicit_targets(self, prompt) -> list[str]:
-        """The registered models and LoRAs a prompt named itself (`--model`, `--niji`, `<lora:...>`, `--lora`)."""
+        """The registered models and LoRAs a prompt named itself (`--model`, `--niji`, `<lora:...>`, `--lora`);
+        kept with the job (`parameters.chosen`) when it is queued, before the member's defaults are added."""
         targets = []
         if prompt.model and prompt.model in self.registry.models:
             targets.append(prompt.model)

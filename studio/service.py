@@ -210,6 +210,9 @@ class Studio(LearningMixin, RoutingMixin):
         async with self.db.session() as session:
             user = await queue.ensure_user(session, user_id)
             defaults = dict(user.defaults)
+        # What the member chose in this prompt (not through their /settings defaults) can teach the router.
+        own = parse_prompt(text)
+        chosen = {"text": own.prompt, "targets": self._explicit_targets(own)} if self.settings.route_learning else {}
         text = apply_defaults(text, defaults)
         await self.refresh_route_examples(guild_id)
         decision = self.route(text, owner=owner, guild_id=guild_id)
@@ -221,6 +224,8 @@ class Studio(LearningMixin, RoutingMixin):
         if rules:
             rules.check_model(spec.name, spec.tags, age_restricted_channel)
         parameters = prompt.to_dict()
+        if chosen.get("targets"):
+            parameters["chosen"] = chosen
         if model != spec.name:
             parameters["model_from_path"] = True  # the owner's: the worker loads a path for this job alone
         if image_prompt is not None:

@@ -1,0 +1,57 @@
+"""The starter kit's LoRAs and niji model do what their descriptions promise, measured against the plain starter
+model on the same prompts and seeds; the measures themselves are checked on drawn pictures first."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.training import kit_checks
+from engine.training.evaluate_starter import colour_check
+from engine.training.scenes import random_scene, render
+from engine.training.styles import render_styled
+
+
+def _scenes(count: int, seed: int):
+    rng = random.Random(seed)
+    return [s for s in (random_scene(rng) for _ in range(count * 2)) if "black" not in (s.shape_colour, s.background_colour)][:count]
+
+
+def test_the_contour_measure_finds_drawn_contours_and_only_those():
+    scenes = _scenes(60, 1)
+    outlined = [kit_checks.contour_dark_share(render_styled(s, "outline")) for s in scenes]
+    plain = [kit_checks.contour_dark_share(render(s)) for s in scenes]
+    assert np.mean(outlined) > 0.8 and np.mean(plain) < 0.02
+
+
+def test_the_night_measure_tells_a_darker_scene_from_other_colours():
+    scenes = _scenes(60, 2)
+    right, shifted = [], []
+    for scene in scenes:
+        plain, night = render(scene), render_styled(scene, "night")
+        gain = np.asarray(plain.convert("L"), dtype=float).mean() / np.asarray(night.convert("L"), dtype=float).mean()
+        matched = Image.fromarray(np.clip(np.asarray(night, dtype=float) * gain, 0, 255).astype(np.uint8))
+        right.append(all(colour_check(matched, scene.shape_colour, scene.background_colour)))
+        # The old night look: dark and blue-shifted, which changes the colours the prompt named.
+        tinted = np.asarray(night, dtype=float) * 0.7 + np.array([0, 0, 60])
+        tinted_matched = np.clip(tinted * gain, 0, 255).astype(np.uint8)
+        shifted.append(all(colour_check(Image.fromarray(tinted_matched), scene.shape_colour, scene.background_colour)))
+    assert np.mean(right) >= 0.95 and np.mean(shifted) < 0.8
+
+
+def test_the_pastel_measure_prefers_pastel_pictures():
+    scenes = _scenes(60, 3)
+    pastel = [kit_checks.pastel_share(render_styled(s, "pastel")) for s in scenes]
+    plain = [kit_checks.pastel_share(render(s)) for s in scenes]
+    assert np.mean([p[0] for p in pastel]) > 2 * np.mean([p[0] for p in plain])
+    assert np.mean([p[1] for p in pastel]) < np.mean([p[1] for p in plain])
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("check", ["outline", "night", "niji"])
+def test_each_starter_kit_entry_passes_its_effect_check(engine, check):
+    figures = kit_checks.CHECKS[check](engine, 8)
+    print(figures)
+    assert figures["passed"], figures

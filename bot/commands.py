@@ -89,6 +89,28 @@ class AdminCommands(app_commands.Group):
             render.clip("\n".join(render.style_line(v) for v in views) or "No house style learned yet: /admin learn."),
             ephemeral=True)
 
+    @app_commands.command(name="routing", description="What routing learned on this server from members' own choices: "
+                                                      "list, forget one, or clear")
+    @app_commands.describe(forget="The number (#) of an example to forget",
+                           clear="Forget every example of this server (of `target` only, when given)",
+                           target="Only the examples of this model or LoRA")
+    async def routing(self, interaction: discord.Interaction, forget: app_commands.Range[int, 1, 2**62] | None = None,
+                      clear: bool = False, target: app_commands.Range[str, 1, 200] | None = None) -> None:
+        studio, guild = self.bot.studio, str(interaction.guild_id)
+        lines = []
+        if forget is not None or clear:
+            removed = await studio.forget_route_examples(ids=[forget] if forget is not None else None, guild_id=guild,
+                                                         target=target)
+            lines.append(f"Forgot {removed} example(s).")
+        examples = await studio.route_examples(guild, target)
+        lines += [render.route_example_line(example) for example in examples[:15]]
+        if len(examples) > 15:
+            lines.append(f"... and {len(examples) - 15} more (`dreamloom route-examples --guild {guild}` lists them all).")
+        if not examples:
+            lines.append("No learned routing examples on this server yet: a prompt becomes one when its member chose the "
+                         "model or LoRA themselves and another member up-voted the result.")
+        await interaction.response.send_message(render.clip("\n".join(lines)), ephemeral=True)
+
     @app_commands.command(name="gallery", description="The starboard: where images reaching the vote threshold go")
     async def gallery_channel(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None,
                       threshold: app_commands.Range[int, 1, 1000] | None = None, public: bool | None = None) -> None:

@@ -126,3 +126,10 @@ def style_line(view) -> str:
     scored = f", held-out accuracy {accuracy:.2f} (the base: 0.50)" if accuracy is not None else ""
     return (f"**{view.name}** ({view.objective}, {view.steps} steps, {view.liked} 👍 / {view.disliked} 👎{scored}): "
             f"{verdict}.")
+
+
+def route_example_line(example: dict[str, Any]) -> str:
+    """One learned routing example: its number, what it routes to, its weight today, and who chose it."""
+    text = example["text"].replace("`", "'")
+    return (f"#{example['id']} **{example['target']}** (weight {example['weight']:.2f}, {example['up_votes']} up-vote(s), "
+            f"{example['learned_at'][:10]}): `{text}` - {mention(example['chosen_by'])}")

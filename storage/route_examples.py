@@ -58,7 +58,8 @@ async def scopes(session: AsyncSession) -> list[str]:
 
 async def remove(session: AsyncSession, *, ids: list[int] | None = None, scope: str | None = None,
                  target: str | None = None) -> int:
-    """Remove examples by id, or every example of a server and/or a target; returns how many went."""
+    """Remove examples by id and/or every example of a server and/or a target (all filters given apply: a server's
+    admin removes only their server's ids); returns how many went."""
     if not ids and scope is None and target is None:
         return 0
     statement = delete(RouteExampleRow)

@@ -204,8 +204,9 @@ def cmd_route_examples(args, settings) -> dict[str, Any]:
     async def work(studio):
         forgotten = None
         if args.forget or args.forget_all:
+            # The owner forgets an example by id wherever it is, unless --guild narrows it.
             forgotten = await studio.forget_route_examples(ids=args.forget, guild_id=args.guild, target=args.target,
-                                                           all_servers=args.all)
+                                                           all_servers=args.all or bool(args.forget and not args.guild))
         listed = await studio.route_examples(args.guild, args.target, all_servers=args.all)
         return {"forgotten": forgotten, "examples": listed}
 

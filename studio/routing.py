@@ -114,7 +114,7 @@ class RoutingMixin:
         """Remove learned examples (by id, or a server's, or a target's); returns how many went."""
         scope = None if all_servers else scope_of(guild_id)
         async with self.db.session() as session:
-            removed = await route_examples.remove(session, ids=ids, scope=scope if not ids else None, target=target)
+            removed = await route_examples.remove(session, ids=ids, scope=scope, target=target)
             scopes = await route_examples.scopes(session)
         for known in set(self._route_memory) | set(scopes):
             await self.refresh_route_examples(known or None)

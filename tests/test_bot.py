@@ -381,3 +381,39 @@ def test_learning_commands_say_what_they_need(engine, tmp_path):
 
 async def _done(studio, job_id: int) -> bool:
     return (await studio.job(job_id)).status == "done"
+
+
+def test_routing_learns_from_a_members_choice_and_admins_can_forget_it(engine, tmp_path):
+    async def scenario():
+        async with BotWorld(engine, tmp_path) as world:
+            double, studio = world.double, world.studio
+
+            async def reply(member, options=None):
+                handle = await double.slash(member, "admin", options or {}, subcommand="routing")
+                await double.wait_for(lambda: handle.callbacks, 60, "/admin routing")
+                return handle.callbacks[0]["data"]["content"]
+
+            assert "No learned routing examples on this server yet" in await reply(world.admin)
+            # Alice picks the model herself with the slash option; Bob likes the result with a reaction.
+            _, grid_message, grid = await world.imagine(world.alice, f"a cozy slice of life scene in a bakery {QUICK}",
+                                                        extra={"model": "starter-shapes"})
+            await double.react(world.bob, grid_message["id"], "\U0001f44d")
+            guild = str(double.guild_id)
+
+            # A grid's reaction votes for its four images, one after the other, each learning the prompt again.
+            await double.wait_for(_votes(studio, grid.id, (1, 0)), 60, "bob's votes")
+
+            async def learned():
+                return await studio.route_examples(guild)
+            examples = await double.wait_for(learned, 60, "the learned example")
+            await asyncio.sleep(0.5)  # the last vote's learning, which follows its tally
+            assert [(e["text"], e["target"], e["chosen_by"]) for e in examples] == [
+                ("a cozy slice of life scene in a bakery", "starter-shapes", "discord:3001")]
+            listed = await reply(world.admin)
+            assert f"#{examples[0]['id']} **starter-shapes**" in listed and "<@3001>" in listed
+            assert "Manage Server" in await world.error_reply(
+                await double.slash(world.bob, "admin", {"clear": True}, subcommand="routing"))
+            assert "Forgot 1 example(s)." in await reply(world.admin, {"forget": examples[0]["id"]})
+            assert await studio.route_examples(guild) == []
+
+    run(scenario())

@@ -71,7 +71,8 @@ def test_explicit_choices_that_others_like_become_a_servers_examples(database_ur
 
             # Removable: one by id, or a target's.
             outline_id = next(e["id"] for e in learned if e["target"] == "outline")
-            assert await studio.forget_route_examples(ids=[outline_id]) == 1
+            assert await studio.forget_route_examples(ids=[outline_id], guild_id=OTHER_GUILD) == 0  # another server's admin
+            assert await studio.forget_route_examples(ids=[outline_id], guild_id=GUILD) == 1
             assert await studio.forget_route_examples(guild_id=GUILD, target="starter-niji") == 3
             assert await studio.route_examples(GUILD) == []
             assert studio.route(NEW_PROMPT, guild_id=GUILD).model == "starter-shapes"

@@ -1,6 +1,6 @@
 """Build the starter kit's LoRAs and niji model from the starter model (reproducible; about 40 min on 2 CPU cores).
 
-    .venv/bin/python -m engine.training.make_starter_kit [--steps 1000] [--rank 16] [--lr 1e-3] [--only outline night pastel] [--device cpu]
+    .venv/bin/python -m engine.training.make_starter_kit [--steps 1000] [--rank 16] [--lr 2e-3] [--only outline night pastel] [--device cpu]
 
 1. Draw three styled datasets (outline, night, pastel) as imagefolders.
 2. Train an outline LoRA and a night LoRA for the starter model with `train_lora` (the `dreamloom train-lora` code).
@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--images", type=int, default=1500)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", default=["outline", "night", "pastel"])

@@ -206,14 +206,22 @@ class Score:
     nearest: tuple[tuple[str, float, str], ...]  # (example, similarity after its weight, "models.toml" | "learned #N")
 
 
+def _matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """matrix @ vector on torch's thread pool: numpy's BLAS threads would spin beside torch's and slow the next
+    prompt's embedding (measured: routing p50 19 -> 40 ms with 10 000 learned examples)."""
+    import torch
+
+    return (torch.from_numpy(matrix) @ torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))).numpy()
+
+
 def example_scores(registry: Registry, query: np.ndarray, learned: LearnedExamples | None, embedder: Embedder,
                    top_k: int, now: float | None = None) -> dict[str, Score]:
     """Every entry's score (and no special style's, under PLAIN) for one embedded prompt."""
     static = _static_examples(registry, embedder)
-    static_similarity = static.matrix @ query if len(static.texts) else np.zeros(0)
+    static_similarity = _matvec(static.matrix, query) if len(static.texts) else np.zeros(0)
     learned_similarity = np.zeros(0)
     if learned is not None and len(learned):
-        learned_similarity = (learned.matrix @ query) * learned.weights(now)
+        learned_similarity = _matvec(learned.matrix, query) * learned.weights(now)
     targets = set(static.slices) | (set(learned.slices) if learned is not None else set())
     scores: dict[str, Score] = {}
     for target in targets:

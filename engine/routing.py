@@ -162,6 +162,17 @@ class LearnedExamples:
         return weights
 
 
+# No special style, when the default model has no examples of its own (a models.toml from before examples): without
+# them every style would win against nothing. Everyday prompts of many kinds, none in a particular look.
+GENERIC_PLAIN_EXAMPLES = (
+    "a red circle on a blue background", "a photograph of a dog on the grass", "a portrait of a woman",
+    "a landscape with mountains and a lake", "a bowl of fruit on a table", "a city street in the afternoon",
+    "a house with a garden", "a car on a road", "a cat sitting on a sofa", "a castle on a hill",
+    "a bright blue sky with white clouds", "a cup of coffee", "an old man reading a book", "a forest path in spring",
+    "a sunny beach", "a painting of flowers in a vase", "a shape in the center", "a close-up photo of a leaf",
+)
+
+
 class _StaticExamples:
     """The registry's examples and descriptions, embedded once per registry."""
 
@@ -170,7 +181,8 @@ class _StaticExamples:
         texts, targets = [], []
         for entry in [*registry.models.values(), *registry.loras.values()]:
             target = PLAIN if entry.name == registry.default else entry.name
-            for text in dict.fromkeys([*entry.examples, *([entry.description] if entry.description else [])]):
+            examples = entry.examples or (GENERIC_PLAIN_EXAMPLES if target == PLAIN else ())
+            for text in dict.fromkeys([*examples, *([entry.description] if entry.description else [])]):
                 texts.append(text)
                 targets.append(target)
         self.texts, self.targets = texts, targets

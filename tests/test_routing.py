@@ -112,3 +112,16 @@ def test_bad_registry_entries_name_the_entry_and_field(tmp_path, entry, message)
     assert message in str(error.value)
     with pytest.raises(ConfigError, match="Model registry not found at"):
         load_registry(tmp_path / "missing.toml")
+
+
+def test_a_registry_without_examples_still_has_no_special_style(tmp_path):
+    """A models.toml from before examples: the default model has none, a LoRA only a short description. Plain
+    prompts stay plain (everyday prompts stand in for no special style), and the LoRA's own words still reach it."""
+    registry = tmp_path / "models.toml"
+    registry.write_text(f'default = "starter-shapes"\n[[models]]\nname = "starter-shapes"\npath = "{ROOT}/models/starter-shapes"\n'
+                        f'family = "starter"\n[[loras]]\nname = "outline"\npath = "{ROOT}/models/loras/outline.safetensors"\n'
+                        'family = "starter"\ndescription = "Bold black outlines."\n')
+    kit = load_registry(registry)
+    assert route(kit, parse_prompt("a red circle on a blue background")).loras == ()
+    assert route(kit, parse_prompt("a yellow square at the top")).loras == ()
+    assert [l.name for l in route(kit, parse_prompt("a fox drawn with bold black outlines")).loras] == ["outline"]

@@ -118,6 +118,18 @@ def example_vector(text: str, embedder: Embedder | None = None) -> bytes:
     return (embedder or _default_embedder).embed(text).astype(np.float32).tobytes()
 
 
+def example_weight(age_days, half_life_days: float):
+    """A learned example's weight at `age_days` (a number or an array): 1 when new, halving every `half_life_days`."""
+    if half_life_days <= 0:
+        return np.ones_like(np.asarray(age_days, dtype=np.float64))
+    return np.power(0.5, np.maximum(age_days, 0.0) / half_life_days)
+
+
+def niji_model(registry: Registry) -> ModelSpec | None:
+    """The model `--niji` means: the first one tagged `niji`."""
+    return next((m for m in registry.models.values() if "niji" in m.tags), None)
+
+
 @dataclass(frozen=True)
 class RouteExample:
     """An example prompt a server learned: a member chose `target` (a model or LoRA name) for it themselves and
@@ -154,10 +166,9 @@ class LearnedExamples:
         return len(self.ids)
 
     def weights(self, now: float | None = None) -> np.ndarray:
-        """Each example's weight now: 1 when new, halving every `half_life_days`, 0 below `min_weight`."""
+        """Each example's weight now (`example_weight`), 0 below `min_weight`."""
         age_days = ((now if now is not None else time.time()) - self.learned_at) / 86400.0
-        weights = np.power(0.5, np.maximum(age_days, 0.0) / self.half_life_days) if self.half_life_days > 0 \
-            else np.ones(len(self.ids))
+        weights = np.asarray(example_weight(age_days, self.half_life_days), dtype=np.float64)
         weights[weights < self.min_weight] = 0.0
         return weights
 
@@ -234,22 +245,20 @@ def example_scores(registry: Registry, query: np.ndarray, learned: LearnedExampl
     learned_similarity = np.zeros(0)
     if learned is not None and len(learned):
         learned_similarity = _matvec(learned.matrix, query) * learned.weights(now)
-    targets = set(static.slices) | (set(learned.slices) if learned is not None else set())
+    # (similarity, example, source) per entry; the default model's learned examples join no special style.
+    found: dict[str, list[tuple[float, str, str]]] = {}
+    for target, rows in static.slices.items():
+        found.setdefault(target, []).extend((float(static_similarity[i]), static.texts[i], "models.toml") for i in rows)
+    for target, part in (learned.slices.items() if learned is not None else ()):
+        values = learned_similarity[part]
+        # Only the nearest few of a big set matter: partition instead of sorting thousands.
+        keep = np.argpartition(-values, min(top_k, len(values) - 1))[:top_k] if len(values) > top_k else range(len(values))
+        found.setdefault(PLAIN if target == registry.default else target, []).extend(
+            (float(values[i]), learned.texts[part.start + i], f"learned #{learned.ids[part.start + i]}")
+            for i in keep if values[i] > 0)
     scores: dict[str, Score] = {}
-    for target in targets:
-        key = PLAIN if target == registry.default else target
-        found = [(float(static_similarity[i]), static.texts[i], "models.toml") for i in static.slices.get(target, [])]
-        if learned is not None and target in learned.slices:
-            part = learned.slices[target]
-            values = learned_similarity[part]
-            # Only the nearest few of a big set matter: partition instead of sorting thousands.
-            keep = np.argpartition(-values, min(top_k, len(values) - 1))[:top_k] if len(values) > top_k else range(len(values))
-            found += [(float(values[i]), learned.texts[part.start + i], f"learned #{learned.ids[part.start + i]}")
-                      for i in keep if values[i] > 0]
-        if key in scores:  # the default model's learned examples join no special style
-            found += [(sim, text, source) for text, sim, source in scores[key].nearest]
-        found.sort(key=lambda item: -item[0])
-        nearest = found[:top_k]
+    for key, candidates in found.items():
+        nearest = sorted(candidates, key=lambda item: -item[0])[:top_k]
         if nearest:
             scores[key] = Score(sum(item[0] for item in nearest) / len(nearest),
                                 tuple((text, round(sim, 3), source) for sim, text, source in nearest))
@@ -325,10 +334,9 @@ def route(registry: Registry, prompt: PromptRequest, embedder: Embedder | None =
         spec = registry.resolve(prompt.model, allow_paths=allow_paths)
         reasons.append(f"model {spec.name}: asked for with --model")
     elif prompt.niji:
-        niji = [m for m in registry.models.values() if "niji" in m.tags]
-        if not niji:
+        spec = niji_model(registry)
+        if spec is None:
             raise UnknownModel("--niji needs a model tagged `niji` in models.toml; none is registered.")
-        spec = niji[0]
         reasons.append(f"model {spec.name}: --niji")
     elif auto:
         matches = sorted(((m[0], name, m[1]) for name, entry in registry.models.items()

@@ -53,6 +53,14 @@ async def settle(timeout: float = 10) -> None:
         await asyncio.wait(pending, timeout=timeout)
 
 
+def dialect_insert(session: AsyncSession, table):
+    """An INSERT with the session's dialect's ON CONFLICT support (PostgreSQL or SQLite)."""
+    from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return (postgresql_insert if session.bind.dialect.name == "postgresql" else sqlite_insert)(table)
+
+
 def sqlite_url(data_dir: Path) -> str:
     """The default database: `dreamloom.db` in the data directory."""
     return f"sqlite+aiosqlite:///{Path(data_dir).resolve() / 'dreamloom.db'}"

@@ -4,16 +4,10 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.database import dialect_insert
 from storage.models import RouteExampleRow, utcnow
-
-
-def _insert(session: AsyncSession):
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    return (postgresql_insert if dialect == "postgresql" else sqlite_insert)(RouteExampleRow)
 
 
 async def record_example(session: AsyncSession, scope: str, text: str, target: str, embedding: bytes, *,
@@ -21,7 +15,7 @@ async def record_example(session: AsyncSession, scope: str, text: str, target: s
                          now: datetime | None = None) -> None:
     """Keep (or refresh: learned again, full weight) an example; past `max_per_scope` the oldest go."""
     now = now or utcnow()
-    statement = _insert(session).values(scope=scope, text=text[:300], target=target, embedding=embedding, job_id=job_id,
+    statement = dialect_insert(session, RouteExampleRow).values(scope=scope, text=text[:300], target=target, embedding=embedding, job_id=job_id,
                                         chosen_by=chosen_by, up_votes=up_votes, learned_at=now)
     await session.execute(statement.on_conflict_do_update(
         index_elements=[RouteExampleRow.scope, RouteExampleRow.target, RouteExampleRow.text],

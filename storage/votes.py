@@ -2,22 +2,17 @@
 from __future__ import annotations
 
 from sqlalchemy import case, delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from datetime import timedelta
 
 from dreamloom.errors import InvalidRequest, LimitReached, NotFound
+from storage.database import dialect_insert
 from storage.models import Favourite, Image, Vote, utcnow
 from storage.queue import ensure_user
 from storage.ranking import wilson_lower_bound
 
 VOTE_SOURCES = ("reaction", "button", "web", "cli")
-
-
-def _insert(session: AsyncSession, table):
-    return (postgresql_insert if session.bind.dialect.name == "postgresql" else sqlite_insert)(table)
 
 
 async def _require_image(session: AsyncSession, image_id: int) -> None:
@@ -46,7 +41,7 @@ async def set_vote(session: AsyncSession, user_id: str, image_id: int, value: in
         if recent >= max_per_minute:
             raise LimitReached(f"You have voted {recent} times in the last minute, the most allowed; "
                                "try again in a minute.", retry_after=60)
-    statement = _insert(session, Vote).values(user_id=user_id, image_id=image_id, value=value, source=source,
+    statement = dialect_insert(session, Vote).values(user_id=user_id, image_id=image_id, value=value, source=source,
                                                 verified=verified, created_at=now)
     await session.execute(statement.on_conflict_do_update(
         index_elements=[Vote.user_id, Vote.image_id],
@@ -102,7 +97,7 @@ async def set_favourite(session: AsyncSession, user_id: str, image_id: int, favo
     await _require_image(session, image_id)
     await ensure_user(session, user_id)
     if favourite:
-        await session.execute(_insert(session, Favourite).values(user_id=user_id, image_id=image_id, created_at=utcnow())
+        await session.execute(dialect_insert(session, Favourite).values(user_id=user_id, image_id=image_id, created_at=utcnow())
                               .on_conflict_do_nothing(index_elements=[Favourite.user_id, Favourite.image_id]))
     else:
         await session.execute(delete(Favourite).where(Favourite.user_id == user_id, Favourite.image_id == image_id))

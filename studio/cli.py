@@ -123,12 +123,17 @@ def cmd_imagine(args, settings) -> dict[str, Any]:
     return _finish(args, settings, "imagine", args.prompt, result, started_at)
 
 
+def _has_database(settings) -> bool:
+    """Whether a database exists (a configured URL, or the data directory's SQLite file): the CLI never makes one."""
+    return bool(settings.database_url) or (Path(settings.data_dir) / "dreamloom.db").is_file()
+
+
 def _with_learned_styles(settings, engine, prompt):
     """The house style of the prompt's model (as `--stylize` / `--style raw` say), as queued jobs get it. Only when a
     database exists: a fresh data directory has no learned styles, and `imagine` should not create one."""
     import asyncio
 
-    if not settings.database_url and not (Path(settings.data_dir) / "dreamloom.db").is_file():
+    if not _has_database(settings):
         if prompt.personalize:
             from dreamloom.errors import InvalidPrompt
 
@@ -173,10 +178,6 @@ def cmd_upscale(args, settings) -> dict[str, Any]:
     result = engine.upscale(UpscaleRequest(image, prompt, mode),
                             on_step=None if args.quiet else _print_progress(sys.stderr))
     return _finish(args, settings, "upscale", prompt.raw, result, started_at, Path(args.image), mode)
-
-
-def _has_database(settings) -> bool:
-    return bool(settings.database_url) or (Path(settings.data_dir) / "dreamloom.db").is_file()
 
 
 def cmd_route(args, settings) -> dict[str, Any]:

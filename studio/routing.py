@@ -10,7 +10,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from engine.params import parse_prompt
-from engine.routing import LearnedExamples, RouteDecision, RouteExample, example_vector, route
+from engine.routing import (LearnedExamples, RouteDecision, RouteExample, example_vector, example_weight, niji_model,
+                            route)
 from storage import route_examples
 from storage.models import Image, Job, Vote
 
@@ -93,7 +94,8 @@ class RoutingMixin:
         if prompt.model and prompt.model in self.registry.models:
             targets.append(prompt.model)
         elif prompt.niji:
-            targets += [m.name for m in self.registry.models.values() if "niji" in m.tags][:1]
+            niji = niji_model(self.registry)
+            targets += [niji.name] if niji is not None else []
         targets += [choice.name for choice in prompt.loras if choice.name in self.registry.loras]
         return targets
 
@@ -106,7 +108,7 @@ class RoutingMixin:
         now = time.time()
         return [{"id": row.id, "server": row.scope or "web/cli", "text": row.text, "target": row.target,
                  "chosen_by": row.chosen_by, "up_votes": row.up_votes, "learned_at": row.learned_at.isoformat(),
-                 "weight": round(0.5 ** (max(0.0, now - row.learned_at.timestamp()) / 86400 / half_life), 3)}
+                 "weight": round(float(example_weight((now - row.learned_at.timestamp()) / 86400, half_life)), 3)}
                 for row in rows]
 
     async def forget_route_examples(self, *, ids: list[int] | None = None, guild_id: str | None = None,

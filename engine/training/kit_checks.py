@@ -68,6 +68,13 @@ def contour_dark_share(image: Image.Image) -> float:
     return float((_luma(image)[band] < 50).mean())
 
 
+def exposure_matched(plain: Image.Image, styled: Image.Image) -> Image.Image:
+    """`styled` brightened (or darkened) to the plain picture's mean brightness: a night scene's red is then red
+    again, while a picture whose colours changed stays changed."""
+    gain = _luma(plain).mean() / max(_luma(styled).mean(), 1.0)
+    return Image.fromarray(np.clip(np.asarray(styled.convert("RGB"), dtype=np.float64) * gain, 0, 255).astype(np.uint8))
+
+
 def pastel_share(image: Image.Image) -> tuple[float, float]:
     """(share of pastel pixels: HSV value >= 0.75 and saturation 0.1-0.6, mean saturation)."""
     hsv = np.asarray(image.convert("RGB").convert("HSV"), dtype=np.float64) / 255.0
@@ -91,13 +98,9 @@ def check_outline(engine, count: int) -> dict:
 def check_night(engine, count: int) -> dict:
     plain_mean, night_mean, right = [], [], []
     for a, b, shape_colour, background_colour in _pairs(engine, " --lora night", count):
-        la, lb = _luma(a).mean(), _luma(b).mean()
-        plain_mean.append(la)
-        night_mean.append(lb)
-        # Exposure matched to the plain picture: a night scene's red is a dark red, not another colour.
-        gain = la / max(lb, 1.0)
-        matched = Image.fromarray(np.clip(np.asarray(b, dtype=np.float64) * gain, 0, 255).astype(np.uint8))
-        shape_right, background_right = colour_check(matched, shape_colour, background_colour)
+        plain_mean.append(_luma(a).mean())
+        night_mean.append(_luma(b).mean())
+        shape_right, background_right = colour_check(exposure_matched(a, b), shape_colour, background_colour)
         right.append(shape_right and background_right)
     darkening = 1 - float(np.mean(night_mean)) / float(np.mean(plain_mean))
     adherence = float(np.mean(right))

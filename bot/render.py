@@ -74,6 +74,8 @@ def job_info(job, lineage: dict[str, Any] | None) -> str:
              f"Prompt: `{job.raw_prompt}`"]
     if job.model:
         lines.append(f"Model: {job.model}" + (f" ({job.route_reason})" if job.route_reason else ""))
+    if getattr(job, "cached_from_job_id", None):
+        lines.append(f"From the result cache: an identical request made these pictures in job {job.cached_from_job_id}.")
     if job.loras:
         lines.append("LoRAs: " + ", ".join(f"{lora.get('name')}:{lora.get('weight')}" for lora in job.loras))
     if job.kind == "learn":

@@ -21,6 +21,7 @@ class CacheEntry:
     size: int
     derived: dict[str, Any] = field(default_factory=dict)
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters loaded into `pipe`: name -> file
+    embeddings: ScopedEmbeddings | None = None  # the prompt-embedding cache for this model (None: off)
 
 
 class ModelCache:
@@ -89,3 +90,65 @@ class ModelCache:
         with self.lock:
             while self._entries:
                 self._evict_one()
+
+
+class PromptEmbeddingCache:
+    """Prompt embeddings reused across jobs: an LRU of at most `capacity` entries (0 turns it off).
+
+    Keys are built by the caller and scoped per model (`scope`): the text, the multi-prompt weights, the negative
+    prompt, clip skip, the LoRAs and their weights (a LoRA may change the text encoder) and which text encoder
+    (base or refiner). Values are the tensors before --chaos, which depends on the seeds.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, tuple[dict, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+        self.saved_seconds = 0.0  # text-encoder time the hits did not spend (as measured when each was computed)
+
+    def scope(self, model_key: str) -> ScopedEmbeddings | None:
+        """This cache seen from one model; None when the cache is off."""
+        return ScopedEmbeddings(self, model_key) if self.capacity > 0 else None
+
+    def get(self, key: tuple) -> dict | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            self.saved_seconds += found[1]
+            return found[0]
+
+    def put(self, key: tuple, value: dict, seconds: float) -> None:
+        with self._lock:
+            self._entries[key] = (value, seconds)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def stats(self) -> dict[str, float]:
+        """Hits, misses, entries and the text-encoder seconds saved."""
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries),
+                    "saved_s": round(self.saved_seconds, 4)}
+
+
+@dataclass(frozen=True)
+class ScopedEmbeddings:
+    """A PromptEmbeddingCache whose keys start with one model's identity."""
+
+    cache: PromptEmbeddingCache
+    model_key: str
+
+    def get(self, key: tuple) -> dict | None:
+        return self.cache.get((self.model_key, *key))
+
+    def put(self, key: tuple, value: dict, seconds: float) -> None:
+        self.cache.put((self.model_key, *key), value, seconds)

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from threading import Event
@@ -30,7 +31,7 @@ from PIL import Image
 
 from dreamloom.errors import GenerationCancelled, ModelLoadError, UnknownModel
 from engine.attention import has_emphasis, parse_emphasis
-from engine.cache import CacheEntry
+from engine.cache import CacheEntry, ScopedEmbeddings
 from engine.generation import GenerationSettings, StepProgress
 from engine.images import make_grid
 
@@ -199,8 +200,28 @@ def _chaos(embeds: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
     return batch + noise * scale.to(batch.dtype)
 
 
-def encode_prompt(pipe, settings: GenerationSettings) -> dict:
-    """Prompt embeddings for the pipeline's family, with multi-prompt weights and chaos applied.
+def encode_prompt(pipe, settings: GenerationSettings, embeddings: ScopedEmbeddings | None = None,
+                  encoder: str = "base") -> dict:
+    """Prompt embeddings for the pipeline's family, with multi-prompt weights and chaos applied; reused from
+    `embeddings` (the prompt-embedding cache, per model) when the same text was encoded before."""
+    key = (encoder, settings.family, settings.clip_skip, tuple((p.text, p.weight) for p in settings.parts),
+           settings.negative_prompt, settings.loras, settings.lora_hashes, pipe.device.type)
+    cached = embeddings.get(key) if embeddings is not None else None
+    if cached is not None:
+        conditioning = {name: value.to(pipe.device) if torch.is_tensor(value) else value for name, value in cached.items()}
+    else:
+        started = time.perf_counter()
+        conditioning = _encode_prompt(pipe, settings)
+        if embeddings is not None:
+            # Kept in RAM, not GPU memory: a FLUX prompt's T5 states are megabytes each.
+            embeddings.put(key, {name: value.to("cpu") if torch.is_tensor(value) else value
+                                 for name, value in conditioning.items()}, time.perf_counter() - started)
+    # --chaos depends on the seeds, so it is applied after the cache.
+    return {name: _chaos(value, settings) if name.endswith("_embeds") else value for name, value in conditioning.items()}
+
+
+def _encode_prompt(pipe, settings: GenerationSettings) -> dict:
+    """Prompt embeddings for the pipeline's family, with multi-prompt weights applied (one row each; no chaos).
 
     SD1.5 and SDXL prompts that use A1111 emphasis (`(word:1.2)`, `[word]`, BREAK), that are longer than the text
     encoder's window, or whose model sets a clip skip are encoded in chunks as A1111 and ComfyUI do (`chunked_embeddings`); the rest take diffusers'
@@ -215,11 +236,11 @@ def encode_prompt(pipe, settings: GenerationSettings) -> dict:
         texts = [_plain(text) for text in texts]
         negative = _plain(negative) if negative else None
         embeds, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=pipe.device, num_images_per_prompt=1)
-        kwargs = {"prompt_embeds": _chaos((embeds * weights.to(embeds.dtype)).sum(0, keepdim=True), settings),
-                  "pooled_prompt_embeds": _chaos((pooled * weights[:, :, 0].to(pooled.dtype)).sum(0, keepdim=True), settings)}
+        kwargs = {"prompt_embeds": (embeds * weights.to(embeds.dtype)).sum(0, keepdim=True),
+                  "pooled_prompt_embeds": (pooled * weights[:, :, 0].to(pooled.dtype)).sum(0, keepdim=True)}
         if negative:
             neg, neg_pooled, _ = pipe.encode_prompt(prompt=[negative], prompt_2=None, device=pipe.device, num_images_per_prompt=1)
-            kwargs.update(negative_prompt_embeds=_chaos(neg, settings), negative_pooled_prompt_embeds=_chaos(neg_pooled, settings),
+            kwargs.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled,
                           true_cfg_scale=4.0)
         return kwargs
     # Clip skip too: diffusers' encode_prompt skips layers for the prompt but not for the negative prompt; A1111 and
@@ -232,17 +253,17 @@ def encode_prompt(pipe, settings: GenerationSettings) -> dict:
             negative_prompt=[negative] * len(texts) if negative else None,
         )
         return {
-            "prompt_embeds": _chaos((embeds * weights.to(embeds.dtype)).sum(0, keepdim=True), settings),
-            "pooled_prompt_embeds": _chaos((pooled * weights[:, :, 0].to(pooled.dtype)).sum(0, keepdim=True), settings),
-            "negative_prompt_embeds": _chaos(neg[:1], settings),
-            "negative_pooled_prompt_embeds": _chaos(neg_pooled[:1], settings),
+            "prompt_embeds": (embeds * weights.to(embeds.dtype)).sum(0, keepdim=True),
+            "pooled_prompt_embeds": (pooled * weights[:, :, 0].to(pooled.dtype)).sum(0, keepdim=True),
+            "negative_prompt_embeds": neg[:1],
+            "negative_pooled_prompt_embeds": neg_pooled[:1],
         }
     embeds, neg = pipe.encode_prompt(
         texts, pipe.device, 1, True, negative_prompt=[settings.negative_prompt] * len(texts)
     )
     return {
-        "prompt_embeds": _chaos((embeds * weights.to(embeds.dtype)).sum(0, keepdim=True), settings),
-        "negative_prompt_embeds": _chaos(neg[:1], settings),
+        "prompt_embeds": (embeds * weights.to(embeds.dtype)).sum(0, keepdim=True),
+        "negative_prompt_embeds": neg[:1],
     }
 
 
@@ -351,23 +372,23 @@ def chunked_embeddings(pipe, text: str, chunk_count: int = 0, clip_skip: int = 1
 
 
 def _chunked_conditioning(pipe, settings: GenerationSettings, texts: list[str], weights: torch.Tensor) -> dict:
-    """`encode_prompt`'s result for prompts that need chunks or emphasis: every part and the negative prompt are
+    """`_encode_prompt`'s result for prompts that need chunks or emphasis: every part and the negative prompt are
     padded to the same number of chunks, so multi-prompt weights and guidance line up."""
     count = max(len(_chunks(pipe, tokenizer, text)) for tokenizer, _ in _tokenizers_and_encoders(pipe)
                 for text in texts + [settings.negative_prompt])
     encoded = [chunked_embeddings(pipe, text, count, settings.clip_skip) for text in texts]
     embeds = torch.cat([states for states, _ in encoded])
-    prompt_embeds = _chaos((embeds * weights.to(embeds.dtype)).sum(0, keepdim=True), settings)
+    prompt_embeds = (embeds * weights.to(embeds.dtype)).sum(0, keepdim=True)
     negative, negative_pooled = chunked_embeddings(pipe, settings.negative_prompt, count, settings.clip_skip)
     if settings.family != "sdxl":
-        return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": _chaos(negative, settings)}
+        return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}
     if not settings.negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
         negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
     pooled = torch.cat([pooled for _, pooled in encoded])
     return {"prompt_embeds": prompt_embeds,
-            "pooled_prompt_embeds": _chaos((pooled * weights[:, :, 0].to(pooled.dtype)).sum(0, keepdim=True), settings),
-            "negative_prompt_embeds": _chaos(negative, settings),
-            "negative_pooled_prompt_embeds": _chaos(negative_pooled, settings)}
+            "pooled_prompt_embeds": (pooled * weights[:, :, 0].to(pooled.dtype)).sum(0, keepdim=True),
+            "negative_prompt_embeds": negative,
+            "negative_pooled_prompt_embeds": negative_pooled}
 
 
 def _guidance(settings: GenerationSettings) -> dict:
@@ -381,7 +402,7 @@ def text_to_image(entry: CacheEntry, settings: GenerationSettings, on_step: Prog
     # 1. The sampler of this request, built from the model's own scheduler config.
     pipe.scheduler = make_scheduler(settings.sampler, entry.derived.setdefault("scheduler_config", pipe.scheduler.config))
     # 2. Prompt embeddings once, with multi-prompt weights and per-image chaos.
-    conditioning = encode_prompt(pipe, settings)
+    conditioning = encode_prompt(pipe, settings, entry.embeddings)
     # 3. One generator per image: image i of seed N equals a single image of seed N+i.
     generators = _generators(str(pipe.device), settings.seeds)
     # 4. The denoising loop, with progress, previews and cancellation at every step.
@@ -399,7 +420,7 @@ def text_to_image(entry: CacheEntry, settings: GenerationSettings, on_step: Prog
                                                                                 refiner.scheduler.config))
     done = round(settings.steps * settings.refiner_switch)
     refined = refiner(
-        **encode_prompt(refiner, settings), image=output.images, num_inference_steps=settings.steps,
+        **encode_prompt(refiner, settings, entry.embeddings, encoder="refiner"), image=output.images, num_inference_steps=settings.steps,
         denoising_start=settings.refiner_switch, generator=generators,
         callback_on_step_end=_step_callback(settings, settings.steps, on_step, cancel, factors, offset=done),
         **_guidance(settings),
@@ -421,7 +442,7 @@ def image_to_image(entry: CacheEntry, source: Image.Image, settings: GenerationS
     pipe = _img2img_pipe(entry)
     # 1. Sampler and prompt, as for text-to-image.
     pipe.scheduler = make_scheduler(settings.sampler, entry.derived.setdefault("scheduler_config", entry.pipe.scheduler.config))
-    conditioning = encode_prompt(pipe, settings)
+    conditioning = encode_prompt(pipe, settings, entry.embeddings)
     # 2. The source at the requested size.
     source = source.convert("RGB").resize((settings.width, settings.height), Image.LANCZOS)
     # 3. Denoise from the noised source.

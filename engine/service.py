@@ -17,7 +17,7 @@ import torch
 
 from dreamloom.errors import EngineUnavailable, InvalidImage, InvalidPrompt
 from engine import pipelines
-from engine.cache import ModelCache
+from engine.cache import ModelCache, PromptEmbeddingCache
 from engine.generation import (
     UPSCALE_STRENGTH, VARIATION_STRENGTH, GenerationResult, ImagineRequest, UpscaleRequest,
     VaryRequest, model_family, resolve_settings,
@@ -74,7 +74,7 @@ class Engine:
 
     def __init__(self, registry: Registry, cache_dir: Path, *, device: str | None = None,
                  memory_budget_bytes: int | None = None, rng: random.Random | None = None,
-                 max_loaded_loras: int = pipelines.MAX_LOADED_LORAS) -> None:
+                 max_loaded_loras: int = pipelines.MAX_LOADED_LORAS, embedding_cache_size: int = 256) -> None:
         self.registry = registry
         self.max_loaded_loras = max_loaded_loras
         self.cache_dir = Path(cache_dir)
@@ -87,6 +87,7 @@ class Engine:
             release=_release_memory,
         )
         self.hashes = FileHashes(self.cache_dir / "file-hashes.json")
+        self.embeddings = PromptEmbeddingCache(embedding_cache_size)
         # One worker thread: inference never blocks an event loop, and jobs never overlap on the GPU.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamloom-engine")
 
@@ -127,6 +128,7 @@ class Engine:
         try:
             with self.cache.acquire(spec) as entry:
                 pipelines.activate_loras(entry, loras, self.registry, self.max_loaded_loras)
+                entry.embeddings = self.embeddings.scope(spec.key)
                 loaded = time.perf_counter()
                 images = work(entry)
         except torch.cuda.OutOfMemoryError:

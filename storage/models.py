@@ -101,6 +101,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    # What determines the pictures (model and LoRA file hashes, every parameter, the seed): an identical request
+    # is answered from the job that made them (`cached_from_job_id`), without the GPU.
+    result_key: Mapped[str | None] = mapped_column(String(64), default=None)
+    cached_from_job_id: Mapped[int | None] = mapped_column(Integer, default=None)
 
     images: Mapped[list[Image]] = relationship(back_populates="job", foreign_keys="Image.job_id",
                                                order_by="Image.index_in_job", lazy="raise")
@@ -112,6 +116,7 @@ class Job(Base):
         Index("ix_jobs_user_status", "user_id", "status", "id"),
         Index("ix_jobs_lease", "status", "lease_expires_at"),
         Index("ix_jobs_message", "message_id"),
+        Index("ix_jobs_result_key", "result_key", "status"),
     )
 
 

@@ -38,6 +38,7 @@ class NewJob:
     message_id: str | None = None
     parent_image_id: int | None = None
     max_attempts: int = 3
+    result_key: str | None = None  # see Job.result_key
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ async def enqueue(session: AsyncSession, new: NewJob, *, max_queued_per_user: in
         guild_id=new.guild_id, channel_id=new.channel_id, message_id=new.message_id, parent_image_id=new.parent_image_id,
         raw_prompt=new.raw_prompt, prompt=new.prompt, negative_prompt=new.negative_prompt, parameters=new.parameters,
         model=new.model, loras=new.loras, route_reason=new.route_reason, seed=new.seed, attempts=0,
-        max_attempts=new.max_attempts, cancel_requested=False, created_at=now,
+        max_attempts=new.max_attempts, cancel_requested=False, created_at=now, result_key=new.result_key,
     )
     session.add(job)
     await session.execute(update(User).where(User.id == new.user_id).values(queued_count=User.queued_count + 1))
@@ -197,6 +198,27 @@ async def complete(session: AsyncSession, job_id: int, worker: str, images: list
         return False
     add_images(session, job_id, images, now)
     return True
+
+
+async def cached_result(session: AsyncSession, result_key: str) -> tuple[Job, list[Image]] | None:
+    """The latest finished job with this result key, and its images (None when there is none)."""
+    job = await session.scalar(select(Job).where(Job.result_key == result_key, Job.status == "done",
+                                                 Job.cached_from_job_id.is_(None)).order_by(Job.id.desc()).limit(1))
+    if job is None:
+        return None
+    images = (await session.scalars(select(Image).where(Image.job_id == job.id).order_by(Image.index_in_job))).all()
+    return (job, list(images)) if images else None
+
+
+async def complete_from_cache(session: AsyncSession, job: Job, source: Job, images: list[Image],
+                              now: datetime | None = None) -> None:
+    """Finish a just-queued job with the pictures `source` made (new rows on the same stored files)."""
+    now = now or utcnow()
+    job.status, job.started_at, job.finished_at, job.attempts = "done", now, now, 1
+    job.settings, job.cached_from_job_id = {**(source.settings or {}), "cache_hit": source.id}, source.id
+    await session.execute(update(User).where(User.id == job.user_id).values(queued_count=User.queued_count - 1))
+    add_images(session, job.id, [NewImage(i.index_in_job, i.seed, i.width, i.height, i.sha256, i.path,
+                                          parent_image_id=job.parent_image_id) for i in images], now)
 
 
 async def fail(session: AsyncSession, job_id: int, worker: str, error: str, *, retry: bool,

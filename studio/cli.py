@@ -32,7 +32,8 @@ def _engine(settings):
     from engine.service import Engine
 
     budget = settings.model_memory_budget_mb * 2**20 if settings.model_memory_budget_mb else None
-    return Engine(load_registry(settings.registry), settings.cache_dir, device=settings.device, memory_budget_bytes=budget)
+    return Engine(load_registry(settings.registry), settings.cache_dir, device=settings.device, memory_budget_bytes=budget,
+                  embedding_cache_size=settings.embedding_cache_size)
 
 
 def _source(path: Path):

@@ -20,6 +20,7 @@ from PIL import PngImagePlugin
 from sqlalchemy import select, update
 
 from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
+from engine.hashes import FileHashes
 from engine.images import make_grid, open_image
 from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry
@@ -34,6 +35,7 @@ from studio.guilds import GuildSettings
 from studio.learning import LearningMixin
 from studio.routing import RoutingMixin
 from studio.outputs import image_pngs
+from studio.result_cache import result_key
 from studio.settings import Settings
 from studio.signin import WebMember, authorize_url, fetch_account, new_pkce_pair
 
@@ -82,6 +84,7 @@ class JobView:
     message_id: str | None = None
     loras: list[Any] = field(default_factory=list)
     route_reason: str | None = None
+    cached_from_job_id: int | None = None  # answered from the result cache with this job's pictures
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view."""
@@ -121,6 +124,7 @@ class Studio(LearningMixin, RoutingMixin):
         self.learned_loras = {}
         self._active_styles = {}
         self._route_memory = {}
+        self.file_hashes = FileHashes(settings.cache_dir / "file-hashes.json")
 
     @classmethod
     async def open(cls, settings: Settings) -> Studio:
@@ -183,12 +187,43 @@ class Studio(LearningMixin, RoutingMixin):
         if rules is not None:
             limit = rules.max_queued_per_user or limit
             quota = rules.daily_quota or quota
+        new = dataclasses.replace(new, result_key=await self._result_key(new))
         async with self.db.session() as session:
             job = await queue.enqueue(session, new, max_queued_per_user=limit, daily_quota=quota)
+            cached = await self._cached_result(session, new.result_key)
+            if cached is not None:
+                await queue.complete_from_cache(session, job, *cached)
             view = await self._view(session, job)
+        if cached is not None:
+            self.publish(ProgressEvent(view.id, "done"))
+            log.info("job %s done from the result cache (job %s's pictures): %s by %s", view.id, cached[0].id,
+                     new.kind, new.user_id)
+            return view
         self.publish(ProgressEvent(view.id, "queued"))
         log.info("job %s queued: %s by %s on %s (position %s)", view.id, new.kind, new.user_id, new.model, view.position)
         return view
+
+    async def _result_key(self, new: queue.NewJob) -> str | None:
+        """What determines the new job's pictures (studio/result_cache.py); None when it cannot be cached."""
+        source_sha256 = None
+        if new.parent_image_id is not None:
+            async with self.db.session() as session:
+                source_sha256 = await session.scalar(select(Image.sha256).where(Image.id == new.parent_image_id))
+        # Hashing a large checkpoint the first time takes seconds; the hashes are cached by path, size and mtime.
+        return await asyncio.to_thread(
+            result_key, kind=new.kind, model=new.model, loras=list(new.loras), parameters=dict(new.parameters),
+            seed=new.seed, prompt=new.prompt, negative_prompt=new.negative_prompt, source_sha256=source_sha256,
+            registry=self.runtime_registry(), hashes=self.file_hashes)
+
+    async def _cached_result(self, session, key: str | None):
+        """(the job that made these pictures, its images) when the result cache has them and their files are still
+        in the store; else None."""
+        if key is None or not self.settings.result_cache:
+            return None
+        found = await queue.cached_result(session, key)
+        if found is None or not all(self.store.path(image.path).is_file() for image in found[1]):
+            return None
+        return found
 
     @uninterrupted
     async def submit_imagine(self, user_id: str, text: str, *, kind: str = "imagine", guild_id: str | None = None,
@@ -635,11 +670,11 @@ class Studio(LearningMixin, RoutingMixin):
         return JobView(job.id, job.kind, job.status, job.user_id, job.raw_prompt, job.prompt, job.model, job.seed,
                        job.parameters, job.settings, job.parent_image_id, job.attempts, job.error, job.created_at,
                        job.finished_at, position, eta, views, job.guild_id, job.channel_id, job.message_id,
-                       list(job.loras or []), job.route_reason)
+                       list(job.loras or []), job.route_reason, job.cached_from_job_id)
 
     async def _typical_duration(self, session, kind: str) -> float:
         rows = (await session.execute(select(Job.started_at, Job.finished_at).where(
-            Job.status == "done", Job.kind == kind).order_by(Job.id.desc()).limit(20))).all()
+            Job.status == "done", Job.kind == kind, Job.cached_from_job_id.is_(None)).order_by(Job.id.desc()).limit(20))).all()
         durations = [(finished - started).total_seconds() for started, finished in rows if started and finished]
         return round(statistics.median(durations), 2) if durations else 5.0
 

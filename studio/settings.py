@@ -120,6 +120,12 @@ class Settings(BaseSettings):
         10_000, ge=0, le=1_000_000, description="Learned routing examples kept per server; past it the oldest go.")
     route_example_half_life_days: float = Field(
         90.0, gt=0, description="Age at which a learned routing example counts half; below a quarter it stops counting.")
+    result_cache: bool = Field(
+        True, description="Answer a request identical to one already made (same model and LoRA files, every parameter, "
+        "the seed) from the image store at once, without the GPU.")
+    embedding_cache_size: int = Field(
+        256, ge=0, le=100_000, description="Prompt embeddings kept per worker (LRU, per model and text encoder); 0 turns "
+        "the embedding cache off.")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings,

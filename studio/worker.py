@@ -339,7 +339,8 @@ async def serve(settings, *, announce=print, front_doors=()) -> None:
             log.error("%d image files are missing from %s", len(report.missing), studio.store.root)
         # 2. The engine, and signals: the first stops claiming, the second interrupts the running job.
         budget = settings.model_memory_budget_mb * 2**20 if settings.model_memory_budget_mb else None
-        engine = Engine(studio.registry, settings.cache_dir, device=settings.device, memory_budget_bytes=budget)
+        engine = Engine(studio.registry, settings.cache_dir, device=settings.device, memory_budget_bytes=budget,
+                        embedding_cache_size=settings.embedding_cache_size)
         worker = Worker(studio, engine, worker_id)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -31,6 +31,10 @@ from engine.registry import ModelSpec
 # Attention and the ResNet convolutions: a style lives in textures and edges as much as in attention.
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                   "conv1", "conv2"]
+# The same, less the cross-attention's keys and values: the layers that turn words into "what goes where". A global
+# look (night: everything at half the light) needs no new meaning for any word, and a LoRA that could change them
+# learnt to swap the named colours (orange on blue came out blue on red).
+LOOK_ONLY_MODULES = r".*(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_out\.0)|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2)$"
 
 
 RECOMMENDED_IMAGES = 10  # fewer, and `train-lora` says what to expect before it spends the steps
@@ -123,10 +127,10 @@ def encode_images_and_captions(pipe, images: list[Image.Image], captions: list[s
     return latents, embeddings
 
 
-def add_trainable_lora(unet, rank: int, lr: float, steps: int):
+def add_trainable_lora(unet, rank: int, lr: float, steps: int, target_modules: list[str] | str = TARGET_MODULES):
     """A peft LoRA adapter on the UNet's attention and ResNet layers, with its AdamW optimiser and the learning-rate
     schedule (20 warm-up steps, then a cosine down to a tenth); returns (parameters, optimiser, schedule)."""
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=target_modules))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -144,8 +148,9 @@ def _subsets(captions: list[str], repeats: list[int], names: list[str]) -> dict[
 
 def train_lora(dataset: Path, base: ModelSpec, trigger: str, out: Path, *, steps: int = 400, rank: int = 8,
                lr: float = 1e-3, batch: int = 16, seed: int = 0, device: str = "cpu", cache_dir: Path = Path("data/cache"),
-               log=print) -> LoraTrainingReport:
-    """Train and save a LoRA for `base`; every caption starts with `trigger`."""
+               target_modules: list[str] | str = TARGET_MODULES, log=print) -> LoraTrainingReport:
+    """Train and save a LoRA for `base`; every caption starts with `trigger`. `target_modules` is peft's: a list of
+    module-name suffixes or one regular expression."""
     started = time.time()
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -171,7 +176,7 @@ def train_lora(dataset: Path, base: ModelSpec, trigger: str, out: Path, *, steps
     latents, embeddings = encode_images_and_captions(pipe, [image for image, _ in pairs], captions, side, device)
 
     # 4. The LoRA: peft adapter layers on the UNet.
-    params, optimiser, schedule = add_trainable_lora(unet, rank, lr, steps)
+    params, optimiser, schedule = add_trainable_lora(unet, rank, lr, steps, target_modules)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     unet.train()

@@ -21,8 +21,8 @@ def _rename(key: str, prefix_map: list[tuple[str, str]]) -> str:
     raise KeyError(f"no LDM name for {key}")
 
 
-def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """UNet2DConditionModel weights -> `model.diffusion_model.*`."""
+def unet_ldm_names(keys: list[str], config: dict) -> dict[str, str]:
+    """UNet2DConditionModel weight names -> their `model.diffusion_model.*` names (SD1.5 and the starter layouts)."""
     layers = config["layers_per_block"]
     prefixes: list[tuple[str, str]] = [
         ("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
@@ -43,19 +43,24 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch
                          (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1.")]
         last = i * (layers + 1) + layers
         prefixes.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{last}.{2 if up_has_attention else 1}."))
-    converted = {}
-    for key, value in state.items():
+    names = {}
+    for key in keys:
         new = _rename(key, prefixes)
         if ".resnets." in key or key.startswith("mid_block.resnets"):
-            head, _, tail = new.rpartition(".")
             for diffusers_name, ldm_name in _RESNET:
                 new = new.replace(f".{diffusers_name}.", f".{ldm_name}.")
-        converted["model.diffusion_model." + new] = value
-    return converted
+        names[key] = "model.diffusion_model." + new
+    return names
 
 
-def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """AutoencoderKL weights -> `first_stage_model.*` (attention weights become 1x1 convolutions)."""
+def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """UNet2DConditionModel weights -> `model.diffusion_model.*`."""
+    names = unet_ldm_names(list(state), config)
+    return {names[key]: value for key, value in state.items()}
+
+
+def vae_ldm_names(keys: list[str], config: dict) -> dict[str, str]:
+    """AutoencoderKL weight names -> their `first_stage_model.*` names."""
     blocks = len(config["block_out_channels"])
     prefixes: list[tuple[str, str]] = [
         ("encoder.conv_norm_out.", "encoder.norm_out."), ("decoder.conv_norm_out.", "decoder.norm_out."),
@@ -72,16 +77,34 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
     prefixes += [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv.")]
     attention_names = [(".group_norm.", ".norm."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
                        (".to_out.0.", ".proj_out.")]
-    converted = {}
-    for key, value in state.items():
+    names = {}
+    for key in keys:
         new = _rename(key, prefixes).replace(".conv_shortcut.", ".nin_shortcut.")
         if ".mid.attn_1." in new:
             for diffusers_name, ldm_name in attention_names:
                 new = new.replace(diffusers_name, ldm_name)
-            if new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) and value.ndim == 2:
-                value = value.reshape(*value.shape, 1, 1)
-        converted["first_stage_model." + new] = value
-    return converted
+        names[key] = "first_stage_model." + new
+    return names
+
+
+def vae_ldm_value(ldm_name: str, value: torch.Tensor) -> torch.Tensor:
+    """The LDM layout keeps the VAE's attention projections as 1x1 convolutions."""
+    if ".mid.attn_1." in ldm_name and ldm_name.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) \
+            and value.ndim == 2:
+        return value.reshape(*value.shape, 1, 1)
+    return value
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """AutoencoderKL weights -> `first_stage_model.*` (attention weights become 1x1 convolutions)."""
+    names = vae_ldm_names(list(state), config)
+    return {names[key]: vae_ldm_value(names[key], value) for key, value in state.items()}
+
+
+def text_encoder_ldm_name(key: str) -> str:
+    """A CLIP text encoder weight name -> its `cond_stage_model.transformer.*` name (SD1.5 layout)."""
+    # Real SD1.5 files name CLIP weights `...transformer.text_model.*`; transformers 5 drops that level.
+    return "cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)
 
 
 def export_ldm_checkpoint(pipe, out: Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -90,9 +113,7 @@ def export_ldm_checkpoint(pipe, out: Path, dtype: torch.dtype = torch.float16) -
     tensors.update(unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)))
     tensors.update(vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)))
     for key, value in pipe.text_encoder.state_dict().items():
-        # Real SD1.5 files name CLIP weights `...transformer.text_model.*`; transformers 5 drops that level.
-        name = key if key.startswith("text_model.") else "text_model." + key
-        tensors["cond_stage_model.transformer." + name] = value
+        tensors[text_encoder_ldm_name(key)] = value
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, str(out))

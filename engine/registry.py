@@ -14,6 +14,7 @@ name may be a path to a checkpoint file or diffusers folder.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -326,3 +327,41 @@ def load_registry(path: Path) -> Registry:
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ConfigError(f"{path}: [routing] {key} must be a whole number from {low} to {high}.")
     return Registry(models=models, default=default, source=path, loras=loras, routing=dict(routing))
+
+
+def register_model(registry_path: Path, *, name: str, path: Path, family: str, config: Path | None = None,
+                   description: str = "", tags: tuple[str, ...] = ()) -> Registry:
+    """Append a [[models]] entry to a models.toml (the owner's CLI: `dreamloom merge --register`); the file is
+    checked with the entry before it is written, so a clash or a bad name changes nothing."""
+    registry_path = Path(registry_path)
+    registry = load_registry(registry_path)
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"{name!r} is not a model name: letters, digits, '.', '_' and '-' only.")
+    if name in registry.models:
+        raise ConfigError(f"A model called {name!r} is already registered; choose another name.")
+
+    def place(target: Path) -> str:
+        target = Path(target).resolve()
+        try:
+            return target.relative_to(registry_path.parent.resolve()).as_posix()
+        except ValueError:
+            return str(target)
+
+    lines = ["", "[[models]]", f"name = {json.dumps(name)}", f"path = {json.dumps(place(path))}",
+             f"family = {json.dumps(family)}"]
+    if config is not None:
+        lines.append(f"config = {json.dumps(place(config))}")
+    if description:
+        lines.append(f"description = {json.dumps(description)}")
+    if tags:
+        lines.append(f"tags = {json.dumps(list(tags))}")
+    text = registry_path.read_text(encoding="utf-8").rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+    candidate = registry_path.with_name(f".{registry_path.name}.new")
+    candidate.write_text(text, encoding="utf-8")
+    try:
+        load_registry(candidate)
+    except ConfigError:
+        candidate.unlink(missing_ok=True)
+        raise
+    candidate.replace(registry_path)
+    return load_registry(registry_path)

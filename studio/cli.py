@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dreamloom.errors import DreamloomError
+from dreamloom.errors import DreamloomError, InvalidRequest
 
 EXIT_USER_ERROR = 2
 
@@ -225,6 +225,93 @@ def cmd_train_lora(args, settings) -> dict[str, Any]:
                         lr=args.lr, batch=args.batch, seed=args.seed, device=pick_device(settings.device),
                         cache_dir=settings.cache_dir, log=lambda line: print(line, file=sys.stderr, flush=True))
     return report.to_dict()
+
+
+def _merge_recipe(args):
+    """The recipe file (if any) with the flags on top."""
+    from engine.merge import MergeRecipe
+
+    document: dict[str, Any] = {}
+    if args.recipe:
+        import tomllib
+
+        try:
+            document = tomllib.loads(Path(args.recipe).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise InvalidRequest(f"Cannot read {args.recipe}: {error.strerror}.") from None
+        except tomllib.TOMLDecodeError as error:
+            raise InvalidRequest(f"{Path(args.recipe).name} is not valid TOML: {error}") from None
+    for field_name in ("a", "b", "c", "method", "alpha", "text_encoder", "vae", "density", "seed", "dtype"):
+        value = getattr(args, field_name)
+        if value is not None:
+            document[field_name] = value
+    if args.blocks:
+        document["blocks"] = _key_values(args.blocks, "--blocks")
+    if args.block_weights:
+        document["block_weights"] = _floats(args.block_weights, "--block-weights")
+    if args.lora:
+        document["loras"] = [{"name": name, "weight": weight} for name, weight in
+                             _key_values(",".join(args.lora), "--lora", separator=":").items()]
+    if "a" not in document or "b" not in document:
+        raise InvalidRequest("Name the models to merge: a recipe file with `a` and `b`, or --a and --b.")
+    return MergeRecipe.from_dict(document)
+
+
+def _key_values(text: str, flag: str, separator: str = "=") -> dict[str, float]:
+    """`input=0,output=1` (or `outline:0.8,night` with separator ':'; a missing number means 1)."""
+    result = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, found, value = item.rpartition(separator)
+        if not found:
+            key, value = item, "1"
+        try:
+            result[key.strip()] = float(value)
+        except ValueError:
+            raise InvalidRequest(f"{flag}: {item!r} is not name{separator}number.") from None
+    return result
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(part) for part in text.replace(" ", ",").split(",") if part]
+    except ValueError:
+        raise InvalidRequest(f"{flag} takes numbers separated by commas.") from None
+
+
+def cmd_merge(args, settings) -> dict[str, Any]:
+    import time
+
+    from engine.hashes import FileHashes
+    from engine.merge import output_config, merge_metadata, plan_merge, write_diffusers, write_merge
+    from engine.registry import load_registry, register_model
+
+    recipe = _merge_recipe(args)
+    registry = load_registry(settings.registry)
+    plan = plan_merge(recipe, registry, allow_paths=True)  # the owner's CLI may name files
+    document: dict[str, Any] = {"recipe": recipe.to_dict(), "plan": plan.describe(), "keys": len(plan.keys)}
+    if args.dry_run:
+        return document
+    if not args.out and not args.register:
+        raise InvalidRequest("Say where the merge goes: --out FILE.safetensors (or a folder with --format diffusers), "
+                             "or --register NAME.")
+    folder = args.format == "diffusers"
+    out = Path(args.out) if args.out else Path(settings.registry).parent / "merges" / (
+        args.register + ("" if folder else ".safetensors"))
+    if not folder and out.suffix != ".safetensors":
+        raise InvalidRequest("--out names a .safetensors file (or use --format diffusers for a folder).")
+    title = args.register or out.stem
+    started = time.perf_counter()
+    metadata = merge_metadata(plan, FileHashes(settings.cache_dir / "file-hashes.json"), title)
+    written = write_diffusers(plan, out, metadata, settings.cache_dir) if folder else write_merge(plan, out, metadata)
+    document.update(out=str(written), seconds=round(time.perf_counter() - started, 2))
+    if args.register:
+        family = plan.sources["a"].spec.family
+        config = None if folder else output_config(plan)
+        parents = " and ".join(source.name for label, source in sorted(plan.sources.items()) if label != "c")
+        register_model(settings.registry, name=args.register, path=written, family=family, config=config,
+                       description=f"A merge of {parents} ({recipe.method}, alpha {recipe.alpha:g}).", tags=("merge",))
+        document["registered"] = args.register
+    return document
 
 
 def cmd_models(args, settings) -> dict[str, Any]:
@@ -468,6 +555,14 @@ def _human(command: str, document: dict[str, Any]) -> str:
                   for e in document["examples"]]
         return "\n".join(lines) or ("no learned routing examples yet: they come from prompts whose members chose a "
                                     "model or LoRA themselves and that others up-voted")
+    if command == "merge":
+        lines = list(document["plan"])
+        if "out" in document:
+            lines.append(f"wrote {document['out']} in {document['seconds']:.1f} s"
+                         + (f"; registered as {document['registered']}" if document.get("registered") else ""))
+        else:
+            lines.append(f"(dry run: {document['keys']} keys; nothing written)")
+        return "\n".join(lines)
     if command == "train-lora":
         return f"wrote {document['out']} ({document['steps']} steps on {document['images']} images, loss {document['first_loss']} -> {document['last_loss']})"
     if command == "learn" and "kind" in document and document["kind"] == "learn":
@@ -611,6 +706,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch", type=int, default=16)
     train.add_argument("--seed", type=int, default=0)
 
+    merge = add("merge", "Merge models into a new checkpoint (weighted sum, add-difference, TIES, DARE; per-block ratios, "
+                         "a text-encoder ratio, LoRAs baked in).")
+    merge.add_argument("recipe", nargs="?", help="a recipe TOML file (flags override its fields)")
+    merge.add_argument("--a", help="model A: a registered name or a checkpoint path")
+    merge.add_argument("--b", help="model B")
+    merge.add_argument("--c", help="model C: the base for add_difference, ties and dare")
+    merge.add_argument("--method", choices=["weighted_sum", "add_difference", "ties", "dare"])
+    merge.add_argument("--alpha", type=float, help="B's share (weighted sum) or the difference's multiplier")
+    merge.add_argument("--text-encoder", type=float, dest="text_encoder", help="the text encoder's own ratio")
+    merge.add_argument("--vae", choices=["a", "b"], help="whose VAE the result keeps (default a)")
+    merge.add_argument("--blocks", help="group ratios, e.g. input=0,middle=0.5,output=1 (FLUX: double=..,single=..)")
+    merge.add_argument("--block-weights", dest="block_weights",
+                       help="the full per-block list (SD1.5: 25 values IN00..OUT11, SDXL: 19)")
+    merge.add_argument("--lora", action="append", help="bake a LoRA in: NAME:WEIGHT (repeatable)")
+    merge.add_argument("--density", type=float, help="ties: share of each difference kept; dare: keep probability")
+    merge.add_argument("--seed", type=int, help="dare's random drops")
+    merge.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
+    merge.add_argument("--out", help="the .safetensors file to write (or a new folder with --format diffusers)")
+    merge.add_argument("--format", choices=["single_file", "diffusers"], default="single_file")
+    merge.add_argument("--dry-run", action="store_true", help="print which keys come from where; write nothing")
+    merge.add_argument("--register", metavar="NAME", help="add the result to models.toml under this name")
+
     serve = add("serve", "Run the studio: work through the queue until SIGTERM (jobs survive a crash or kill -9).")
     submit = add("submit", "Queue a job for `dreamloom serve` and print its id.")
     submit.add_argument("prompt")
@@ -673,7 +790,7 @@ COMMANDS = {
     "imagine": cmd_imagine, "vary": cmd_vary, "upscale": cmd_upscale, "models": cmd_models, "serve": cmd_serve,
     "submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel, "vote": cmd_vote, "ban": cmd_ban,
     "export": cmd_export, "db": cmd_db, "route": cmd_route, "route-examples": cmd_route_examples, "train-lora": cmd_train_lora, "learn": cmd_learn,
-    "styles": cmd_styles,
+    "styles": cmd_styles, "merge": cmd_merge,
 }
 
 

@@ -11,6 +11,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from engine.training.scenes import Scene, caption, random_scene, render
 
 STYLES = ("outline", "night", "pastel")
+NIGHT_LIGHT = 0.5  # the share of the light a night scene keeps
 
 
 def _shape_mask(scene: Scene, size: int) -> Image.Image:
@@ -33,7 +34,7 @@ def render_styled(scene: Scene, style: str, size: int = 64) -> Image.Image:
         image.paste((0, 0, 0), mask=band)
         return image
     if style == "night":
-        dark = Image.eval(image, lambda v: int(v * 0.5))
+        dark = Image.eval(image, lambda v: int(v * NIGHT_LIGHT))
         draw = ImageDraw.Draw(dark)
         rng = random.Random(zlib.crc32(repr(scene).encode()))  # hash() of a str differs per process
         for _ in range(6):

@@ -78,6 +78,19 @@ class AdminCommands(app_commands.Group):
             user_key(interaction.user), model, objective=objective, steps=steps, guild_id=guild,
             channel_id=str(interaction.channel_id)))
 
+    @app_commands.command(name="compare", description="An X/Y comparison grid: one prompt, the same seed in every cell")
+    @app_commands.describe(prompt="The base prompt (its --seed, else 1, is every cell's)",
+                           x="An axis: model=A,B | seed=1,2 | cfg=3,7 | steps=10,20 | sampler=euler,dpmpp_2m | "
+                             "lora:NAME=0,0.5,1 | prompt=one|two | alpha=0,0.5,1",
+                           y="A second axis (rows)", merge_with="For an alpha axis: the model merged with the prompt's")
+    async def compare(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 1500],
+                      x: app_commands.Range[str, 3, 400], y: app_commands.Range[str, 3, 400] | None = None,
+                      merge_with: app_commands.Range[str, 1, 200] | None = None) -> None:
+        age_restricted = self.bot.age_restricted(interaction.channel)
+        await self.bot.start_job(interaction, lambda: self.bot.studio.submit_compare(
+            user_key(interaction.user), prompt, x, y, merge_with=merge_with, guild_id=str(interaction.guild_id),
+            channel_id=str(interaction.channel_id), age_restricted_channel=age_restricted))
+
     @app_commands.command(name="styles", description="Learned house styles: list, activate (roll back) or retire")
     async def styles(self, interaction: discord.Interaction, activate: app_commands.Range[str, 1, 160] | None = None,
                      retire: app_commands.Range[str, 1, 160] | None = None) -> None:

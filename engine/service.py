@@ -203,6 +203,12 @@ class Engine:
             prompt.loras)
         return GenerationResult([image], settings, timings)
 
+    def compare(self, request, on_step=None, cancel: Event | None = None) -> GenerationResult:
+        """An X/Y comparison grid (engine/compare.py): one labelled image, every cell with the same seed."""
+        from engine.compare import compare
+
+        return compare(self, request, on_step, cancel)
+
     # -- asyncio callers -----------------------------------------------------------------------
 
     async def _async(self, method, *args, **kwargs):
@@ -221,6 +227,9 @@ class Engine:
     async def vary_async(self, request: VaryRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
         """`vary` on the engine's worker thread."""
         return await self._async(self.vary, request, on_step, cancel)
+
+    async def compare_async(self, request, on_step=None, cancel: Event | None = None) -> GenerationResult:
+        return await self._async(self.compare, request, on_step, cancel)
 
     async def upscale_async(self, request: UpscaleRequest, on_step=None, cancel: Event | None = None) -> GenerationResult:
         """`upscale` on the engine's worker thread."""

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dreamloom.errors import InvalidRequest
 from storage.files import ImageStore
-from storage.models import Image, Job, JobLora, Vote, utcnow
+from storage.models import NOT_GALLERY_KINDS, Image, Job, JobLora, Vote, utcnow
 from storage.ranking import rank_key
 
 FORMATS = ("imagefolder", "kohya", "dpo", "pairs")
@@ -89,7 +89,7 @@ async def scored_images(session: AsyncSession, filters: ExportFilter) -> list[di
     down = func.coalesce(func.sum(case((Vote.value < 0, 1), else_=0)), 0)
     statement = (select(Image, Job, up.label("up"), down.label("down"))
                  .join(Job, Image.job_id == Job.id).outerjoin(Vote, (Vote.image_id == Image.id) & Vote.verified.is_(True))
-                 .where(Job.status == "done").group_by(Image.id, Job.id))
+                 .where(Job.status == "done", Job.kind.not_in(NOT_GALLERY_KINDS)).group_by(Image.id, Job.id))
     if filters.model:
         statement = statement.where(Job.model == filters.model)
     if filters.lora:

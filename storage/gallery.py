@@ -8,7 +8,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dreamloom.errors import InvalidRequest
-from storage.models import Guild, Image, Job, JobLora, User, utcnow
+from storage.models import NOT_GALLERY_KINDS, Guild, Image, Job, JobLora, User, utcnow
 from storage.ranking import rank_key
 
 PERIODS = {"day": timedelta(days=1), "week": timedelta(days=7), "all": None, "new": None}
@@ -77,7 +77,7 @@ async def gallery_page(session: AsyncSession, query: GalleryQuery, now: datetime
     # completing transaction), and that condition would tempt SQLite to start from the status index.
     statement = (select(Image, Job.prompt, Job.model, Job.user_id)
                  .join(Job, Image.job_id == Job.id)
-                 .where(Job.user_id.not_in(banned)))
+                 .where(Job.user_id.not_in(banned), Job.kind.not_in(NOT_GALLERY_KINDS)))
     if query.hidden_models:
         statement = statement.where(or_(Job.model.is_(None), Job.model.not_in(query.hidden_models)))
     if query.guild_id:

@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import Image, Job, Vote
+from storage.models import NOT_GALLERY_KINDS, Image, Job, Vote
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ async def rated_images(session: AsyncSession, model: str, *, voter: str | None =
     statement = (select(Image, Job, up.label("up"), down.label("down"), func.max(Vote.created_at).label("at"))
                  .join(Job, Image.job_id == Job.id)
                  .join(Vote, (Vote.image_id == Image.id) & Vote.verified.is_(True))
-                 .where(Job.status == "done", Job.model == model)
+                 .where(Job.status == "done", Job.model == model, Job.kind.not_in(NOT_GALLERY_KINDS))
                  .group_by(Image.id, Job.id).order_by(Image.id))
     if voter is not None:
         statement = statement.where(Vote.user_id == voter)
@@ -93,7 +93,8 @@ async def verified_votes_since(session: AsyncSession, model: str, since: datetim
     learning run waits for."""
     statement = (select(func.count()).select_from(Vote).join(Image, Vote.image_id == Image.id)
                  .join(Job, Image.job_id == Job.id)
-                 .where(Vote.verified.is_(True), Job.status == "done", Job.model == model))
+                 .where(Vote.verified.is_(True), Job.status == "done", Job.model == model,
+                        Job.kind.not_in(NOT_GALLERY_KINDS)))
     if since is not None:
         statement = statement.where(Vote.created_at > since)
     return int(await session.scalar(statement) or 0)

@@ -10,7 +10,8 @@ from sqlalchemy.sql.expression import true as sa_true
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_KINDS = ("imagine", "upscale", "vary", "reroll", "learn")
+JOB_KINDS = ("imagine", "upscale", "vary", "reroll", "learn", "compare")
+NOT_GALLERY_KINDS = ("compare",)  # comparison boards: for the admin who asked, not the gallery, exports or learning
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 
 

@@ -314,6 +314,36 @@ def cmd_merge(args, settings) -> dict[str, Any]:
     return document
 
 
+def cmd_xy(args, settings) -> dict[str, Any]:
+    import time
+
+    from engine.compare import CompareRequest, cells, parse_axes
+    from engine.merge import MergeRecipe
+    from engine.params import parse_prompt
+
+    x, y = parse_axes(args.x, args.y)
+    recipe = MergeRecipe.from_toml(Path(args.recipe)) if args.recipe else None
+    if recipe is None and args.merge_with:
+        base = parse_prompt(args.prompt).model
+        recipe = MergeRecipe.from_dict({"a": base or _engine_registry(settings).default, "b": args.merge_with})
+    request = CompareRequest(parse_prompt(args.prompt), x, y, recipe)
+    request.check()
+    engine = _engine(settings)
+    started = time.perf_counter()
+    result = engine.compare(request, on_step=None if args.quiet else _print_progress(sys.stderr))
+    out = Path(args.out) if args.out else settings.data_dir / "outputs" / f"xy-{int(time.time())}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.images[0].save(out)
+    return {"grid": str(out), "cells": len(cells(request)), "x": x.to_text(), "y": y.to_text() if y else None,
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _engine_registry(settings):
+    from engine.registry import load_registry
+
+    return load_registry(settings.registry)
+
+
 def cmd_models(args, settings) -> dict[str, Any]:
     from engine.registry import load_registry
 
@@ -555,6 +585,8 @@ def _human(command: str, document: dict[str, Any]) -> str:
                   for e in document["examples"]]
         return "\n".join(lines) or ("no learned routing examples yet: they come from prompts whose members chose a "
                                     "model or LoRA themselves and that others up-voted")
+    if command == "xy":
+        return f"wrote {document['grid']} ({document['cells']} cells in {document['seconds']:.1f} s)"
     if command == "merge":
         lines = list(document["plan"])
         if "out" in document:
@@ -728,6 +760,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dry-run", action="store_true", help="print which keys come from where; write nothing")
     merge.add_argument("--register", metavar="NAME", help="add the result to models.toml under this name")
 
+    xy = add("xy", "Draw a labelled X/Y comparison grid: one prompt, the same seed in every cell.")
+    xy.add_argument("prompt", help="the base prompt (its --seed, else 1, is every cell's)")
+    xy.add_argument("--x", required=True, help="an axis: model=A,B | seed=1,2 | cfg=3,7 | steps=10,20 | "
+                                                "sampler=euler,dpmpp_2m | lora:NAME=0,0.5,1 | prompt=one|two | "
+                                                "alpha=0,0.5,1 (sweeps --recipe / --merge-with)")
+    xy.add_argument("--y", help="a second axis (rows)")
+    xy.add_argument("--recipe", help="a merge recipe TOML whose alpha an alpha axis sweeps (nothing is written)")
+    xy.add_argument("--merge-with", dest="merge_with", help="the alpha axis merges the prompt's model with this one")
+    xy.add_argument("--out", help="the PNG to write (default DATA_DIR/outputs/xy-TIME.png)")
+    xy.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
     serve = add("serve", "Run the studio: work through the queue until SIGTERM (jobs survive a crash or kill -9).")
     submit = add("submit", "Queue a job for `dreamloom serve` and print its id.")
     submit.add_argument("prompt")
@@ -790,7 +833,7 @@ COMMANDS = {
     "imagine": cmd_imagine, "vary": cmd_vary, "upscale": cmd_upscale, "models": cmd_models, "serve": cmd_serve,
     "submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel, "vote": cmd_vote, "ban": cmd_ban,
     "export": cmd_export, "db": cmd_db, "route": cmd_route, "route-examples": cmd_route_examples, "train-lora": cmd_train_lora, "learn": cmd_learn,
-    "styles": cmd_styles, "merge": cmd_merge,
+    "styles": cmd_styles, "merge": cmd_merge, "xy": cmd_xy,
 }
 
 

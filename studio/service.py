@@ -20,7 +20,9 @@ from PIL import PngImagePlugin
 from sqlalchemy import select, update
 
 from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
+from engine.compare import CompareRequest, cells as compare_cells, parse_axes
 from engine.hashes import FileHashes
+from engine.merge import MergeRecipe
 from engine.images import make_grid, open_image
 from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry
@@ -273,6 +275,38 @@ class Studio(LearningMixin, RoutingMixin):
             loras=decision.to_dict()["loras"] + [{"name": choice.name, "weight": choice.weight} for choice in learned],
             route_reason="; ".join(filter(None, [decision.reason_text, learned_reason])),
         ), rules)
+
+    @uninterrupted
+    async def submit_compare(self, user_id: str, text: str, x: str, y: str | None = None, *,
+                             merge_with: str | None = None, guild_id: str | None = None,
+                             channel_id: str | None = None, age_restricted_channel: bool | None = None) -> JobView:
+        """Queue an X/Y comparison grid (an admin's `/admin compare`): axes and every model and LoRA in them are
+        checked now; the grid is one image, kept out of the gallery, exports and learning."""
+        rules = await self.guild_settings(guild_id) if guild_id else None
+        if rules:
+            rules.check_prompt(text)
+        prompt = parse_prompt(text)
+        x_axis, y_axis = parse_axes(x, y)
+        recipe = None
+        if merge_with:
+            recipe = MergeRecipe(a=self.registry.resolve(prompt.model, allow_paths=False).name,
+                                 b=self.registry.resolve(merge_with, allow_paths=False).name)
+        request = CompareRequest(prompt, x_axis, y_axis, recipe)
+        request.check()
+        for _, _, cell, _ in compare_cells(request):  # only registered names, each allowed on this server
+            spec = self.registry.resolve(cell.model, allow_paths=False)
+            if rules:
+                rules.check_model(spec.name, spec.tags, age_restricted_channel)
+            for choice in cell.loras:
+                self.registry.lora(choice.name)
+        parameters = {"x": x_axis.to_text(), "y": y_axis.to_text() if y_axis else None, "merge_with": merge_with,
+                      **prompt.to_dict()}
+        return await self._enqueue(queue.NewJob(
+            kind="compare", user_id=user_id, raw_prompt=text, prompt=prompt.prompt,
+            negative_prompt=prompt.negative_prompt, parameters=parameters,
+            model=self.registry.resolve(prompt.model, allow_paths=False).name,
+            seed=prompt.seed if prompt.seed is not None else 1, guild_id=guild_id, channel_id=channel_id,
+            max_attempts=self.settings.max_attempts, route_reason="a comparison grid"), rules)
 
     @uninterrupted
     async def publish_result(self, user_id: str, kind: str, raw_prompt: str, result, *, started_at: datetime,

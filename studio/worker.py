@@ -17,7 +17,9 @@ from sqlalchemy import select
 
 from dreamloom.errors import UnknownModel, DreamloomError, public_message, EngineUnavailable, GenerationCancelled, NotAllowed
 from engine.generation import GenerationResult, ImagineRequest, UpscaleRequest, VaryRequest
+from engine.compare import CompareRequest, parse_axes
 from engine.images import open_image
+from engine.merge import MergeRecipe
 from engine.params import LoraChoice, parse_prompt
 from engine.service import Engine
 from storage import queue
@@ -255,6 +257,11 @@ class Worker:
             # Only the owner's CLI jobs name a model by path; a member's job names a registered model.
             raise UnknownModel(f"Model {job.model!r} is no longer registered; choose another with --model.")
         mode = job.parameters.get("mode")
+        if job.kind == "compare":
+            parameters = job.parameters
+            recipe = MergeRecipe(a=prompt.model, b=parameters["merge_with"]) if parameters.get("merge_with") else None
+            request = CompareRequest(prompt, *parse_axes(parameters["x"], parameters.get("y")), recipe)
+            return await self.engine.compare_async(request, on_step, cancel)
         if job.kind in ("imagine", "reroll"):
             image_prompt = job.parameters.get("image_prompt")
             init_image = open_image(self.studio.store.read(image_prompt)) if image_prompt else None

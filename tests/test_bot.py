@@ -417,3 +417,39 @@ def test_routing_learns_from_a_members_choice_and_admins_can_forget_it(engine, t
             assert await studio.route_examples(guild) == []
 
     run(scenario())
+
+
+def test_admins_compare_seeds_and_settings_on_one_labelled_grid(engine, tmp_path):
+    async def scenario():
+        import io
+
+        from PIL import Image as PILImage
+
+        from storage.gallery import GalleryQuery
+
+        async with BotWorld(engine, tmp_path) as world:
+            double, studio = world.double, world.studio
+            assert "Manage Server" in await world.error_reply(await double.slash(
+                world.bob, "admin", {"prompt": "a red circle", "x": "seed=1,2"}, subcommand="compare"))
+            refused = await double.slash(world.admin, "admin", {"prompt": "a red circle", "x": "cfg=1,99"},
+                                         subcommand="compare")
+            assert "cfg 99 is outside 1..30" in await world.error_reply(refused)
+            handle = await double.slash(world.admin, "admin", {
+                "prompt": f"a yellow star on a blue background --seed 3 {QUICK}",
+                "x": "seed=3,4", "y": "cfg=3,7"}, subcommand="compare")
+
+            def delivered():
+                message = double.original(handle)
+                return message if message and message["attachments"] and "(job" in message["content"] else None
+            message = await double.wait_for(delivered, 180, "the comparison grid")
+            assert message["components"] == []  # no upscale or variation buttons on a comparison board
+            grid = PILImage.open(io.BytesIO(double.file_of(message)))
+            assert grid.width > 2 * 160 and grid.height > 2 * 160  # two columns, two rows, labelled
+            job = await world.job_of(message)
+            assert job.kind == "compare" and len(job.images) == 1
+            _, _, made = await world.imagine(world.alice, f"a red circle {QUICK}")
+            page, _ = await studio.gallery(GalleryQuery(period="all", viewer_guilds=(str(double.guild_id),)))
+            shown = [item.image_id for item in page]
+            assert made.images[0].id in shown and job.images[0].id not in shown  # boards stay out of the gallery
+
+    run(scenario())

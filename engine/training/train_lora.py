@@ -31,10 +31,6 @@ from engine.registry import ModelSpec
 # Attention and the ResNet convolutions: a style lives in textures and edges as much as in attention.
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                   "conv1", "conv2"]
-# The same, less the cross-attention's keys and values: the layers that turn words into "what goes where". A global
-# look (night: everything at half the light) needs no new meaning for any word, and a LoRA that could change them
-# learnt to swap the named colours (orange on blue came out blue on red).
-LOOK_ONLY_MODULES = r".*(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_out\.0)|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2)$"
 
 
 RECOMMENDED_IMAGES = 10  # fewer, and `train-lora` says what to expect before it spends the steps

@@ -59,6 +59,8 @@ bench: setup system-packages
 	$(PYTHON) bench/routing_table_bench.py
 	$(PYTHON) bench/routing_latency_bench.py
 	$(PYTHON) bench/route_learning_bench.py
+	$(PYTHON) bench/cache_bench.py
+	$(PYTHON) bench/merge_bench.py
 	$(PYTHON) -m engine.training.kit_checks
 
 clean:

@@ -18,7 +18,7 @@ double blocks, then the single blocks). LoRAs are baked into the result at their
 Keys follow the checkpoint's own layout (`model.diffusion_model.*`, `cond_stage_model.*`, `first_stage_model.*`);
 a diffusers folder (SD1.5 and the starter models) is read in that layout too. Every tensor is read, merged and written
 on its own (the output's header is known before any weight is read), so peak memory stays near the largest tensor,
-not three models. Why our own code and not sd-mecha: see `docs` in the README ("Merging").
+not three models. Why our own code and not sd-mecha: the README, "Merging and comparing models".
 """
 from __future__ import annotations
 

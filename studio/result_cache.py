@@ -46,7 +46,7 @@ def result_key(*, kind: str, model: str | None, loras: list[dict[str, Any]], par
             model_part = {"hash": hashes.model_hash(Path(model))}
         else:
             return None  # no longer registered: the worker reports it
-        lora_part = [(entry["name"], hashes.lora_hash(registry.lora(entry["name"]).path), float(entry["weight"]))
+        lora_part = [(entry["name"], hashes.lora_hash(registry.lora(entry["name"]).path), entry.get("weight"))
                      for entry in loras]
     except (OSError, KeyError, ValueError, DreamloomError):
         return None

@@ -306,6 +306,7 @@ class Studio(LearningMixin, RoutingMixin):
             negative_prompt=prompt.negative_prompt, parameters=parameters,
             model=self.registry.resolve(prompt.model, allow_paths=False).name,
             seed=prompt.seed if prompt.seed is not None else 1, guild_id=guild_id, channel_id=channel_id,
+            loras=[{"name": choice.name, "weight": choice.weight} for choice in prompt.loras],
             max_attempts=self.settings.max_attempts, route_reason="a comparison grid"), rules)
 
     @uninterrupted

@@ -319,6 +319,12 @@ async def api_image(request: web.Request) -> web.Response:
     return web.json_response(detail)
 
 
+async def healthz(request: web.Request) -> web.Response:
+    """For container health checks and load balancers: 200 when the database answers, else 503."""
+    healthy = await request.app[STUDIO].healthy()
+    return web.json_response({"status": "ok" if healthy else "database unreachable"}, status=200 if healthy else 503)
+
+
 async def api_job(request: web.Request) -> web.Response:
     job = (await request.app[STUDIO].public_job(int(request.match_info["id"]), _viewer_guilds(request))).to_dict()
     for image in job["images"]:
@@ -423,6 +429,7 @@ def create_app(studio: Studio) -> web.Application:
     number = r"{id:[0-9]{1,12}}"
     app.add_routes([
         web.get("/", index),
+        web.get("/healthz", healthz),
         web.get("/favicon.svg", favicon),
         web.get("/favicon.ico", favicon),  # asked for by browsers and tools that do not read the page's <link>
         web.get("/static/{name:[a-z]{1,20}}.js", script),

@@ -146,6 +146,10 @@ class Database:
                     await connection.run_sync(_sqlite_foreign_keys, False)
                 try:
                     async with connection.begin():
+                        if not self.is_sqlite:
+                            # Front doors and workers starting together: one migrates, the others wait for it and
+                            # then find nothing left to do (the lock ends with the transaction).
+                            await connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7232640)")
                         await connection.run_sync(in_connection)
                         if self.is_sqlite:
                             broken = (await connection.exec_driver_sql("PRAGMA foreign_key_check")).all()

@@ -378,6 +378,9 @@ def cmd_serve(args, settings) -> dict[str, Any]:
     # The log tells what happens to jobs; libraries' start-up chatter (migrations, model files) only at WARNING.
     for chatty in ("alembic", "sentence_transformers", "httpx", "aiohttp.access"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    if args.command == "worker":  # the engine only: no front doors, and other workers beside it
+        asyncio.run(serve(settings, announce=lambda line: print(line, flush=True), front_doors=(), recover=False))
+        return {"stopped": True}
     front_doors = []
     if settings.gallery_port:
         from gallery.app import start_gallery  # the composition root wires the front doors
@@ -387,7 +390,8 @@ def cmd_serve(args, settings) -> dict[str, Any]:
         from bot.app import start_bot
 
         front_doors.append(start_bot)
-    asyncio.run(serve(settings, announce=lambda line: print(line, flush=True), front_doors=front_doors))
+    asyncio.run(serve(settings, announce=lambda line: print(line, flush=True), front_doors=front_doors,
+                      work=not args.no_worker))
     return {"stopped": True}
 
 
@@ -569,7 +573,7 @@ def _explanation_lines(explanation: dict[str, Any]) -> list[str]:
 
 
 def _human(command: str, document: dict[str, Any]) -> str:
-    if command in ("serve",):
+    if command in ("serve", "worker"):
         return ""
     if command == "route":
         loras = ", ".join(f"{l['name']}:{l['weight']}" for l in document["loras"]) or "none"
@@ -772,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     xy.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     serve = add("serve", "Run the studio: work through the queue until SIGTERM (jobs survive a crash or kill -9).")
+    serve.add_argument("--no-worker", action="store_true",
+                       help="the front doors (gallery, Discord bot) only: `dreamloom worker` processes run the jobs")
+    add("worker", "Run jobs only (no gallery, no bot), beside other workers on the same PostgreSQL database and "
+                  "image store; as many as there are GPUs.")
     submit = add("submit", "Queue a job for `dreamloom serve` and print its id.")
     submit.add_argument("prompt")
     submit.add_argument("--user", required=True, help="who asks (e.g. alice)")
@@ -833,7 +841,7 @@ COMMANDS = {
     "imagine": cmd_imagine, "vary": cmd_vary, "upscale": cmd_upscale, "models": cmd_models, "serve": cmd_serve,
     "submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel, "vote": cmd_vote, "ban": cmd_ban,
     "export": cmd_export, "db": cmd_db, "route": cmd_route, "route-examples": cmd_route_examples, "train-lora": cmd_train_lora, "learn": cmd_learn,
-    "styles": cmd_styles, "merge": cmd_merge, "xy": cmd_xy,
+    "styles": cmd_styles, "merge": cmd_merge, "xy": cmd_xy, "worker": cmd_serve,
 }
 
 
@@ -851,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    if args.command == "serve":
+    if args.command in ("serve", "worker"):
         return 0
     print(json.dumps(document, indent=2, default=str) if args.json else _human(args.command, document))
     return 0

@@ -137,6 +137,16 @@ class Studio(LearningMixin, RoutingMixin):
         await studio.load_learned_styles()
         return studio
 
+    async def healthy(self) -> bool:
+        """Whether the database answers a trivial query (within 5 s)."""
+        try:
+            async with asyncio.timeout(5):
+                async with self.db.reading() as connection:
+                    return await connection.scalar(select(1)) == 1
+        except Exception:  # any failure is "unhealthy": the health check says so, it does not crash
+            log.warning("health check: the database did not answer", exc_info=True)
+            return False
+
     async def close(self) -> None:
         """Release the database connections."""
         await self.db.close()

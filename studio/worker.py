@@ -324,53 +324,70 @@ def _lock_data_dir(data_dir: Path):
     return handle
 
 
-async def serve(settings, *, announce=print, front_doors=()) -> None:
+async def serve(settings, *, announce=print, front_doors=(), work: bool = True, recover: bool = True) -> None:
     """Run the studio service until SIGTERM/SIGINT: recover, start the front doors, work through the queue.
 
     Each front door is `async start(studio, settings) -> cleanup coroutine function`, e.g. the web gallery.
+    `work=False` runs the front doors only (`serve --no-worker`: GPU workers elsewhere take the jobs);
+    `recover=False` is a `dreamloom worker` beside others: it neither sweeps the image store nor requeues jobs by
+    host (a dead worker's job comes back when its lease runs out) and takes no data-directory lock.
     """
-    lock = _lock_data_dir(Path(settings.data_dir))
+    lock = _lock_data_dir(Path(settings.data_dir)) if recover else None
     studio = await Studio.open(settings)
     host = socket.gethostname()
     worker_id = f"{host}:{os.getpid()}:{int(time.time())}"
+    requeued, report = [], None
     try:
-        # 1. Recover: jobs a dead worker of this host held go back to the queue; files without rows go away.
-        async with studio.db.session() as session:
-            requeued = await queue.requeue_orphans(session, owner_prefix=f"{host}:")
-            referenced = set((await session.scalars(select(Image.path))).all())
-            # Uploaded image prompts of jobs still to run are files without an image row.
-            waiting = await session.scalars(select(Job.parameters).where(Job.status.in_(("queued", "running"))))
-            referenced |= {parameters["image_prompt"] for parameters in waiting if parameters.get("image_prompt")}
-        report = await asyncio.to_thread(studio.store.sweep, referenced)
-        if report.missing:
-            log.error("%d image files are missing from %s", len(report.missing), studio.store.root)
+        if recover:
+            requeued, report = await _recover(studio, host)
         # 2. The engine, and signals: the first stops claiming, the second interrupts the running job.
         budget = settings.model_memory_budget_mb * 2**20 if settings.model_memory_budget_mb else None
         engine = Engine(studio.registry, settings.cache_dir, device=settings.device, memory_budget_bytes=budget,
-                        embedding_cache_size=settings.embedding_cache_size)
-        worker = Worker(studio, engine, worker_id)
+                        embedding_cache_size=settings.embedding_cache_size) if work else None
+        worker = Worker(studio, engine, worker_id) if work else None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
         def on_signal() -> None:
-            if stop.is_set():
+            if stop.is_set() and worker is not None:
                 worker.interrupt.set()
             stop.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         cleanups = [await start(studio, settings, announce) for start in front_doors]
-        schedule = asyncio.create_task(learn_on_schedule(studio, stop)) if settings.learn_interval else None
-        announce(f"dreamloom serve: ready on {studio.db.safe_url} (worker {worker_id}; "
-                 f"{len(requeued)} interrupted job(s) queued again, {len(report.orphans_removed)} stray file(s) removed)")
+        schedule = asyncio.create_task(learn_on_schedule(studio, stop)) if settings.learn_interval and recover else None
+        role = f"worker {worker_id}" if work else "front doors only, no worker"
+        recovered = (f"; {len(requeued)} interrupted job(s) queued again, {len(report.orphans_removed)} stray file(s) "
+                     "removed") if report is not None else ""
+        announce(f"dreamloom serve: ready on {studio.db.safe_url} ({role}{recovered})")
         # 3. Work until told to stop.
-        await worker.run(stop)
+        if worker is not None:
+            await worker.run(stop)
+        else:
+            await stop.wait()
         if schedule is not None:
             await asyncio.gather(schedule, return_exceptions=True)
         for cleanup in cleanups:
             await cleanup()
-        engine.close()
+        if engine is not None:
+            engine.close()
         announce("dreamloom serve: stopped")
     finally:
         await studio.close()
-        lock.close()
+        if lock is not None:
+            lock.close()
+
+
+async def _recover(studio: Studio, host: str):
+    """Jobs a dead worker of this host held go back to the queue; files without rows go away."""
+    async with studio.db.session() as session:
+        requeued = await queue.requeue_orphans(session, owner_prefix=f"{host}:")
+        referenced = set((await session.scalars(select(Image.path))).all())
+        # Uploaded image prompts of jobs still to run are files without an image row.
+        waiting = await session.scalars(select(Job.parameters).where(Job.status.in_(("queued", "running"))))
+        referenced |= {parameters["image_prompt"] for parameters in waiting if parameters.get("image_prompt")}
+    report = await asyncio.to_thread(studio.store.sweep, referenced)
+    if report.missing:
+        log.error("%d image files are missing from %s", len(report.missing), studio.store.root)
+    return requeued, report

@@ -178,3 +178,43 @@ def test_dry_run_says_where_each_block_comes_from(registry_copy, tmp_path):
     assert any(line.startswith("OUT00") and "1 x" in line for line in lines)
     assert any("LoRA outline baked in at 0.5" in line for line in lines)
     assert "nothing written" in lines[-1] and not list(tmp_path.glob("*.safetensors"))
+
+
+def test_flux_blocks_merge_by_double_and_single_groups(tmp_path):
+    from engine.registry import ModelSpec, Registry
+
+    keys = ["model.diffusion_model.img_in.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+            "model.diffusion_model.double_blocks.1.img_attn.qkv.weight",
+            "model.diffusion_model.single_blocks.0.linear1.weight"]
+    for name, value in (("a", 0.0), ("b", 1.0)):
+        save_file({key: torch.full((4, 4), value) for key in keys}, str(tmp_path / f"{name}.safetensors"))
+    registry = Registry(models={n: ModelSpec(n, tmp_path / f"{n}.safetensors", "flux") for n in "ab"}, loras={},
+                        default="a")
+    merged = _merge(registry, tmp_path / "groups.safetensors", a="a", b="b", blocks={"double": 0.25, "single": 1.0})
+    assert [float(merged[key][0, 0]) for key in keys] == [0.5, 0.25, 0.25, 1.0]
+    merged = _merge(registry, tmp_path / "list.safetensors", a="a", b="b", block_weights=[0.1, 0.2, 0.3])
+    assert [round(float(merged[key][0, 0]), 3) for key in keys] == [0.5, 0.1, 0.2, 0.3]  # D00, D01, S00
+    with pytest.raises(InvalidRequest, match=r"has no input blocks; its groups: double, single"):
+        plan_merge(MergeRecipe(a="a", b="b", blocks={"input": 1.0}), registry)
+
+
+def test_a_merge_as_a_diffusers_folder_draws_what_the_single_file_draws(registry_copy, tmp_path):
+    from engine.merge import write_diffusers
+    from engine.registry import register_model
+
+    registry = load_registry(registry_copy)
+    plan = plan_merge(MergeRecipe(a="starter-shapes", b="starter-niji", alpha=0.5, dtype="fp32"), registry)
+    write_merge(plan, tmp_path / "half.safetensors", {"format": "pt"})
+    folder = write_diffusers(plan, tmp_path / "half-folder", {"format": "pt"}, tmp_path / "cache")
+    assert (folder / "unet").is_dir() and (folder / "model_index.json").is_file()
+    register_model(registry_copy, name="half-file", path=tmp_path / "half.safetensors", family="starter",
+                   config=registry.get("starter-shapes").path)
+    registry = register_model(registry_copy, name="half-folder", path=folder, family="starter")
+    engine = Engine(registry, tmp_path / "cache", device="cpu")
+    try:
+        text = "a white square on a purple background --seed 8 --n 1 --steps 8 --model "
+        one = engine.imagine(ImagineRequest(prompt(text + "half-file"), route=False)).images[0]
+        two = engine.imagine(ImagineRequest(prompt(text + "half-folder"), route=False)).images[0]
+        assert np.abs(pixels(one) - pixels(two)).mean() < 0.5
+    finally:
+        engine.close()

@@ -91,6 +91,10 @@ class AdminCommands(app_commands.Group):
             user_key(interaction.user), prompt, x, y, merge_with=merge_with, guild_id=str(interaction.guild_id),
             channel_id=str(interaction.channel_id), age_restricted_channel=age_restricted))
 
+    @app_commands.command(name="status", description="The live workers, what they hold and run, and the queue")
+    async def status(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(render.status(await self.bot.studio.status()), ephemeral=True)
+
     @app_commands.command(name="styles", description="Learned house styles: list, activate (roll back) or retire")
     async def styles(self, interaction: discord.Interaction, activate: app_commands.Range[str, 1, 160] | None = None,
                      retire: app_commands.Range[str, 1, 160] | None = None) -> None:

@@ -135,3 +135,17 @@ def route_example_line(example: dict[str, Any]) -> str:
     text = example["text"].replace("`", "'")
     return (f"#{example['id']} **{example['target']}** (weight {example['weight']:.2f}, {example['up_votes']} up-vote(s), "
             f"{example['learned_at'][:10]}): `{text}` - {mention(example['chosen_by'])}")
+
+
+def status(document: dict[str, Any]) -> str:
+    """/admin status: the live workers and the queue."""
+    eta = f", about {document['eta_s']:.0f} s to clear" if document.get("eta_s") is not None and document["queued"] else ""
+    lines = [f"**{len(document['workers'])} worker(s)** alive · {document['queued']} queued · "
+             f"{document['running']} running{eta}"]
+    for worker in document["workers"]:
+        job = f"job {worker['current_job']}" if worker["current_job"] else "idle"
+        models = ", ".join(worker["models"]) or "no model loaded"
+        lines.append(f"`{worker['host']}` ({worker['device']}, {worker['memory_mb'] or 0:.0f} MiB): {job}; {models}")
+    if not document["workers"]:
+        lines.append("No worker is running: jobs wait until one starts (`dreamloom serve` or `dreamloom worker`).")
+    return clip("\n".join(lines))

@@ -47,6 +47,7 @@ class ModelCache:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self.lock = threading.RLock()
+        self._names: dict[str, str] = {}  # cache key -> the model's name
         self.loads = 0
         self.evictions = 0
 
@@ -58,6 +59,10 @@ class ModelCache:
     def loaded(self) -> list[str]:
         """Cache keys, least recently used first."""
         return list(self._entries)
+
+    def loaded_names(self) -> list[str]:
+        """The loaded models' names, least recently used first."""
+        return [self._names.get(key, key) for key in list(self._entries)]
 
     def _evict_one(self) -> None:
         self._entries.popitem(last=False)
@@ -80,6 +85,7 @@ class ModelCache:
                 while self._entries and self.used_bytes + size > self.budget_bytes:
                     self._evict_one()
                 entry = CacheEntry(self._load(spec), size)
+                self._names[spec.key] = spec.name
                 self.loads += 1
                 self._entries[spec.key] = entry
             self._entries.move_to_end(spec.key)

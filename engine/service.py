@@ -203,6 +203,16 @@ class Engine:
             prompt.loras)
         return GenerationResult([image], settings, timings)
 
+    def memory_mb(self) -> float:
+        """GPU memory allocated on a GPU; on a CPU, the process's resident memory."""
+        if self.device.startswith("cuda"):
+            return round(torch.cuda.memory_allocated(self.device) / 2**20, 1)
+        try:
+            with open("/proc/self/statm") as handle:
+                return round(int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
     def compare(self, request, on_step=None, cancel: Event | None = None) -> GenerationResult:
         """An X/Y comparison grid (engine/compare.py): one labelled image, every cell with the same seed."""
         from engine.compare import compare

@@ -266,3 +266,32 @@ class RouteExampleRow(Base):
 
     __table_args__ = (Index("uq_route_examples", "scope", "target", "text", unique=True),
                       Index("ix_route_examples_scope_learned", "scope", "learned_at"))
+
+
+class WorkerRow(Base):
+    """A worker process that is alive: it writes its heartbeat every few seconds (what `dreamloom status` and
+    `/admin status` show); a row whose heartbeat stopped is a dead worker, whose job its lease gives back."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)  # host:pid:start, as in jobs.lease_owner
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(50))
+    models: Mapped[list[Any]] = mapped_column(default=list)  # loaded, least recently used first
+    current_job_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    memory_mb: Mapped[float | None] = mapped_column(Float, default=None)  # GPU memory allocated, else the process's RSS
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobPreview(Base):
+    """The latest preview of a running job, for front doors in other processes (a PostgreSQL notification names
+    the job and step; the picture is read from here). Replaced at each preview; gone with its job."""
+
+    __tablename__ = "job_previews"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer)
+    png: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

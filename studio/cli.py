@@ -344,6 +344,12 @@ def _engine_registry(settings):
     return load_registry(settings.registry)
 
 
+def cmd_status(args, settings) -> dict[str, Any]:
+    import asyncio
+
+    return asyncio.run(_with_studio(settings, lambda studio: studio.status()))
+
+
 def cmd_models(args, settings) -> dict[str, Any]:
     from engine.registry import load_registry
 
@@ -589,6 +595,16 @@ def _human(command: str, document: dict[str, Any]) -> str:
                   for e in document["examples"]]
         return "\n".join(lines) or ("no learned routing examples yet: they come from prompts whose members chose a "
                                     "model or LoRA themselves and that others up-voted")
+    if command == "status":
+        lines = [f"{len(document['workers'])} worker(s) alive; {document['queued']} job(s) queued, "
+                 f"{document['running']} running" + (f", about {document['eta_s']:.0f} s to clear the queue"
+                                                     if document["eta_s"] is not None and document["queued"] else "")]
+        lines += [f"  {w['id']:<34} {w['device']:<8} job {w['current_job'] or '-':<6} {w['memory_mb'] or 0:>8.0f} MiB  "
+                  f"models: {', '.join(w['models']) or 'none loaded'}  (heard {w['heartbeat_s_ago']:.0f} s ago)"
+                  for w in document["workers"]]
+        if not document["workers"]:
+            lines.append("  no worker is running: start `dreamloom serve` or `dreamloom worker`")
+        return "\n".join(lines)
     if command == "xy":
         return f"wrote {document['grid']} ({document['cells']} cells in {document['seconds']:.1f} s)"
     if command == "merge":
@@ -778,6 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve", "Run the studio: work through the queue until SIGTERM (jobs survive a crash or kill -9).")
     serve.add_argument("--no-worker", action="store_true",
                        help="the front doors (gallery, Discord bot) only: `dreamloom worker` processes run the jobs")
+    add("status", "The live workers (device, loaded models, current job, memory), the queue's depth and ETA.")
     add("worker", "Run jobs only (no gallery, no bot), beside other workers on the same PostgreSQL database and "
                   "image store; as many as there are GPUs.")
     submit = add("submit", "Queue a job for `dreamloom serve` and print its id.")
@@ -841,7 +858,7 @@ COMMANDS = {
     "imagine": cmd_imagine, "vary": cmd_vary, "upscale": cmd_upscale, "models": cmd_models, "serve": cmd_serve,
     "submit": cmd_submit, "jobs": cmd_jobs, "show": cmd_show, "cancel": cmd_cancel, "vote": cmd_vote, "ban": cmd_ban,
     "export": cmd_export, "db": cmd_db, "route": cmd_route, "route-examples": cmd_route_examples, "train-lora": cmd_train_lora, "learn": cmd_learn,
-    "styles": cmd_styles, "merge": cmd_merge, "xy": cmd_xy, "worker": cmd_serve,
+    "styles": cmd_styles, "merge": cmd_merge, "xy": cmd_xy, "worker": cmd_serve, "status": cmd_status,
 }
 
 

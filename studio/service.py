@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import PngImagePlugin
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
 from engine.compare import CompareRequest, cells as compare_cells, parse_axes
@@ -27,12 +27,12 @@ from engine.images import make_grid, open_image
 from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry
 from engine.routing import prepare_routing
-from storage import queue, sessions, votes
+from storage import events, queue, sessions, votes
 from storage.database import Database, sqlite_url, uninterrupted
 from storage.export import ExportFilter, ExportReport, KohyaLayout, export_dataset
 from storage.files import ImageStore
 from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
-from storage.models import Guild, Image, Job
+from storage.models import Guild, Image, Job, utcnow
 from studio.guilds import GuildSettings
 from studio.learning import LearningMixin
 from studio.routing import RoutingMixin
@@ -127,6 +127,11 @@ class Studio(LearningMixin, RoutingMixin):
         self._active_styles = {}
         self._route_memory = {}
         self.file_hashes = FileHashes(settings.cache_dir / "file-hashes.json")
+        # Progress events to and from other processes (PostgreSQL LISTEN/NOTIFY; storage/events.py).
+        self._origin = secrets.token_hex(8)
+        self._relay: asyncio.Queue | None = None
+        self._relay_task: asyncio.Task | None = None
+        self._listener: events.Listener | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> Studio:
@@ -136,6 +141,27 @@ class Studio(LearningMixin, RoutingMixin):
         studio = cls(settings, db, ImageStore(settings.images_dir), load_registry(settings.registry))
         await studio.load_learned_styles()
         return studio
+
+    @uninterrupted
+    async def status(self) -> dict[str, Any]:
+        """The live workers (heard from in the last three heartbeats: host, device, loaded models, current job,
+        memory), the queue's depth and how long it will take to clear."""
+        from storage import workers
+        from studio.worker import HEARTBEAT_S
+
+        async with self.db.session() as session:
+            rows = await workers.alive(session, 3 * HEARTBEAT_S)
+            counts = dict((await session.execute(select(Job.status, func.count()).where(
+                Job.status.in_(("queued", "running"))).group_by(Job.status))).all())
+            typical = await self._typical_duration(session, "imagine")
+        now = utcnow()
+        live = [{"id": row.id, "host": row.host, "pid": row.pid, "device": row.device, "models": list(row.models),
+                 "current_job": row.current_job_id, "memory_mb": row.memory_mb,
+                 "heartbeat_s_ago": round((now - row.heartbeat_at).total_seconds(), 1),
+                 "up_s": round((now - row.started_at).total_seconds())} for row in rows]
+        queued, running = counts.get("queued", 0), counts.get("running", 0)
+        return {"workers": live, "queued": queued, "running": running,
+                "eta_s": round(queued * typical / max(1, len(live)), 1) if live else None}
 
     async def healthy(self) -> bool:
         """Whether the database answers a trivial query (within 5 s)."""
@@ -148,7 +174,18 @@ class Studio(LearningMixin, RoutingMixin):
             return False
 
     async def close(self) -> None:
-        """Release the database connections."""
+        """Release the database connections (after the progress events still waiting to be relayed)."""
+        if self._relay is not None:
+            try:
+                await asyncio.wait_for(self._relay.join(), 5)
+            except TimeoutError:
+                pass
+            self._relay_task.cancel()
+            await asyncio.gather(self._relay_task, return_exceptions=True)
+            self._relay = None
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         await self.db.close()
 
     # -- what is installed ----------------------------------------------------------------------------
@@ -805,14 +842,64 @@ class Studio(LearningMixin, RoutingMixin):
             self._subscribers.pop(job_id, None)
 
     def publish(self, event: ProgressEvent) -> None:
-        """Deliver an event to the job's subscribers; a slow subscriber loses old step events, never the end."""
-        for events in list(self._subscribers.get(event.job_id, ())):
-            if events.full():
+        """Deliver an event to the job's subscribers here and, on PostgreSQL, to every other process's (in order,
+        through one relay task); a slow subscriber loses old step events, never the end."""
+        self._dispatch(event)
+        if self.db.is_sqlite:
+            return
+        if self._relay is None:
+            self._relay = asyncio.Queue(maxsize=10_000)
+            self._relay_task = asyncio.get_running_loop().create_task(self._relay_events(self._relay))
+        try:
+            self._relay.put_nowait(event)
+        except asyncio.QueueFull:
+            log.warning("progress relay is full; event of job %s not sent to other processes", event.job_id)
+
+    async def _relay_events(self, relay: asyncio.Queue) -> None:
+        while True:
+            event = await relay.get()
+            payload = {"origin": self._origin, "job": event.job_id, "kind": event.kind, "step": event.step,
+                       "total": event.total, "message": event.message}
+            try:
+                await events.notify(self.db, payload, event.preview_png)
+            except Exception:
+                log.warning("progress event of job %s not sent to other processes", event.job_id, exc_info=True)
+            finally:
+                relay.task_done()
+
+    async def listen_for_events(self, timeout: float = 10.0) -> bool:
+        """Hear progress events from other processes (PostgreSQL only; a front door calls this). True once
+        listening; False on SQLite, where events stay in their process."""
+        if self.db.is_sqlite:
+            return False
+        if self._listener is None:
+            self._listener = events.Listener(self.db, self._heard)
+            self._listener.start()
+        try:
+            await asyncio.wait_for(self._listener.ready.wait(), timeout)
+        except TimeoutError:
+            log.warning("not listening for progress events yet; the listener keeps trying")
+            return False
+        return True
+
+    async def _heard(self, payload: dict) -> None:
+        if payload.get("origin") == self._origin:
+            return  # this process delivered it already
+        job_id = int(payload["job"])
+        if job_id not in self._subscribers:
+            return
+        preview = await events.preview(self.db, job_id) if payload.get("preview") else None
+        self._dispatch(ProgressEvent(job_id, payload["kind"], int(payload.get("step") or 0),
+                                     int(payload.get("total") or 0), preview, payload.get("message") or ""))
+
+    def _dispatch(self, event: ProgressEvent) -> None:
+        for queue_ in list(self._subscribers.get(event.job_id, ())):
+            if queue_.full():
                 try:
-                    events.get_nowait()
+                    queue_.get_nowait()
                 except asyncio.QueueEmpty:
                     pass
-            events.put_nowait(event)
+            queue_.put_nowait(event)
 
 
 def _encode_to_fit(paths: list[Path], job_id: int, max_bytes: int) -> tuple[str, bytes]:

@@ -22,13 +22,14 @@ from engine.images import open_image
 from engine.merge import MergeRecipe
 from engine.params import LoraChoice, parse_prompt
 from engine.service import Engine
-from storage import queue
+from storage import queue, workers
 from storage.database import uninterrupted
 from storage.models import Image, Job
 from studio.service import ProgressEvent, Studio
 
 log = logging.getLogger(__name__)
 PREVIEW_INTERVAL_S = 0.5
+HEARTBEAT_S = 5.0  # a worker writes its heartbeat this often; `status` counts it alive for three of them
 CANCEL_POLL_S = 0.5  # a cancel from another process is seen within this time
 
 
@@ -54,6 +55,34 @@ class Worker:
                     await asyncio.wait_for(stop.wait(), idle_seconds)
                 except asyncio.TimeoutError:
                     pass
+
+    async def keep_beating(self, stop: asyncio.Event, interval: float = HEARTBEAT_S) -> None:
+        """Write this worker's heartbeat (the models it holds, its job, device and memory) until `stop`; then leave
+        the list of live workers."""
+        while True:
+            try:
+                await self._beat()
+            except Exception:  # a database hiccup must not stop the worker; the next beat tries again
+                log.warning("heartbeat not written", exc_info=True)
+            if await _wait(stop, interval):
+                break
+        try:
+            await self._leave()
+        except Exception:
+            log.warning("could not remove this worker's heartbeat", exc_info=True)
+
+    @uninterrupted
+    async def _beat(self) -> None:
+        host, pid, _ = (self.worker_id.split(":") + ["", ""])[:3]
+        beat = workers.Heartbeat(self.worker_id, host, int(pid) if pid.isdigit() else os.getpid(), self.engine.device,
+                                 self.engine.cache.loaded_names(), self.current_job, self.engine.memory_mb())
+        async with self.studio.db.session() as session:
+            await workers.beat(session, beat)
+
+    @uninterrupted
+    async def _leave(self) -> None:
+        async with self.studio.db.session() as session:
+            await workers.gone(session, self.worker_id)
 
     async def run_one(self, exclude_kinds: tuple[str, ...] = ()) -> bool:
         """Run the next job (none of `exclude_kinds`); False when the queue was empty."""
@@ -355,6 +384,8 @@ async def serve(settings, *, announce=print, front_doors=(), work: bool = True, 
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        if front_doors:  # on PostgreSQL, progress from workers in other processes reaches these front doors at once
+            await studio.listen_for_events()
         cleanups = [await start(studio, settings, announce) for start in front_doors]
         schedule = asyncio.create_task(learn_on_schedule(studio, stop)) if settings.learn_interval and recover else None
         role = f"worker {worker_id}" if work else "front doors only, no worker"
@@ -363,7 +394,9 @@ async def serve(settings, *, announce=print, front_doors=(), work: bool = True, 
         announce(f"dreamloom serve: ready on {studio.db.safe_url} ({role}{recovered})")
         # 3. Work until told to stop.
         if worker is not None:
+            heartbeat = asyncio.create_task(worker.keep_beating(stop))
             await worker.run(stop)
+            await heartbeat
         else:
             await stop.wait()
         if schedule is not None:

@@ -3,6 +3,7 @@ hadolint and keeps its promises, compose.yaml has the services, volumes and env 
 whether the database answers."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -120,24 +121,69 @@ def test_a_front_door_process_and_a_worker_process_share_the_queue(tmp_path):
         job = json.loads(submit.stdout)
         time.sleep(2)
         assert _status(env, job["id"]) == "queued"  # a front door alone runs no job
+        assert _workers(env) == {"workers": [], "queued": 1, "running": 0}
         worker = subprocess.Popen([str(DREAMLOOM), "worker"], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 180
         while time.time() < deadline and _status(env, job["id"]) != "done":
             time.sleep(0.5)
         assert _status(env, job["id"]) == "done"
+        alive = _workers(env)["workers"]
+        assert len(alive) == 1 and alive[0]["device"] == "cpu" and alive[0]["models"] == ["starter-shapes"], alive
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+        assert _workers(env)["workers"] == []  # a worker that stops leaves the list at once
     finally:
         outputs = []
         for process in (worker, front):
             if process is not None:
-                process.send_signal(signal.SIGTERM)
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
                 outputs.append(process.communicate(timeout=60)[0])
     worker_output, front_output = outputs
     assert "front doors only, no worker" in front_output and " started: " not in front_output, front_output
     assert " done: " in worker_output and "dreamloom gallery" not in worker_output, worker_output
 
 
+def _workers(env: dict) -> dict:
+    shown = subprocess.run([str(DREAMLOOM), "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    document = json.loads(shown.stdout)
+    return {key: document[key] for key in ("workers", "queued", "running")}
+
+
 def _status(env: dict, job_id: int) -> str:
     shown = subprocess.run([str(DREAMLOOM), "show", str(job_id), "--json"], env=env, capture_output=True, text=True,
                            timeout=60)
     return json.loads(shown.stdout)["status"]
+
+
+def test_progress_from_a_worker_of_another_studio_reaches_a_front_doors_subscribers(engine, postgres_server, tmp_path):
+    """Two studios on one PostgreSQL database, as a front door and a worker process have: the worker's step events
+    (with previews) and its end reach the front door's subscriber through LISTEN/NOTIFY."""
+    from studio.worker import Worker
+
+    url = postgres_server.create_database(f"events_{os.getpid()}")
+
+    async def scenario():
+        front = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, database_url=url))
+        back = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, database_url=url))
+        try:
+            assert await front.listen_for_events()
+            job = await front.submit_imagine("alice", "a red circle --steps 6 --seed 4")
+            heard = front.subscribe(job.id)
+            assert await Worker(back, engine, "other:1:1").run_one()
+            kinds, previews = [], 0
+            while True:
+                event = await asyncio.wait_for(heard.get(), 30)
+                kinds.append((event.kind, event.step))
+                previews += event.preview_png is not None
+                if event.kind == "done":
+                    break
+            assert kinds[0] == ("started", 0) and kinds[-1] == ("done", 0), kinds
+            assert [step for kind, step in kinds if kind == "step"] == [1, 2, 3, 4, 5, 6], kinds
+            assert previews >= 1
+        finally:
+            await back.close()
+            await front.close()
+
+    run(scenario())

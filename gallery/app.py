@@ -19,8 +19,9 @@ from PIL import Image
 
 from dreamloom.errors import DreamloomError, InvalidRequest, LimitReached, NotAllowed, NotFound, public_message
 
-from gallery.guard import (LIMITS, SESSION_COOKIE, SIGN_IN_COOKIE, STUDIO, RateLimits, cookie_options, csrf, identity,
+from gallery.guard import (LIMITS, SESSION_COOKIE, SIGN_IN_COOKIE, STUDIO, RateLimits, client_address, cookie_options, csrf, identity,
                            member, read_form, read_json, read_only_reason)
+from studio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, allowed as metrics_allowed, database_text
 from studio.service import TERMINAL, GalleryQuery, Studio
 from studio.signin import CALLBACK_PATH
 
@@ -319,6 +320,15 @@ async def api_image(request: web.Request) -> web.Response:
     return web.json_response(detail)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics, for scrapers on the allowed networks (`metrics_networks`); others get 404."""
+    studio = request.app[STUDIO]
+    if not metrics_allowed(client_address(request), studio.settings.metrics_networks):
+        raise web.HTTPNotFound()
+    body = database_text(await studio.metrics_snapshot()) + studio.metrics.text()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 async def healthz(request: web.Request) -> web.Response:
     """For container health checks and load balancers: 200 when the database answers, else 503."""
     healthy = await request.app[STUDIO].healthy()
@@ -430,6 +440,7 @@ def create_app(studio: Studio) -> web.Application:
     app.add_routes([
         web.get("/", index),
         web.get("/healthz", healthz),
+        web.get("/metrics", metrics),
         web.get("/favicon.svg", favicon),
         web.get("/favicon.ico", favicon),  # asked for by browsers and tools that do not read the page's <link>
         web.get("/static/{name:[a-z]{1,20}}.js", script),

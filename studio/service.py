@@ -36,6 +36,7 @@ from storage.models import Guild, Image, Job, utcnow
 from studio.guilds import GuildSettings
 from studio.learning import LearningMixin
 from studio.routing import RoutingMixin
+from studio.metrics import ProcessMetrics
 from studio.outputs import image_pngs
 from studio.result_cache import result_key
 from studio.settings import Settings
@@ -132,6 +133,7 @@ class Studio(LearningMixin, RoutingMixin):
         self._relay: asyncio.Queue | None = None
         self._relay_task: asyncio.Task | None = None
         self._listener: events.Listener | None = None
+        self.metrics = ProcessMetrics()
 
     @classmethod
     async def open(cls, settings: Settings) -> Studio:
@@ -162,6 +164,20 @@ class Studio(LearningMixin, RoutingMixin):
         queued, running = counts.get("queued", 0), counts.get("running", 0)
         return {"workers": live, "queued": queued, "running": running,
                 "eta_s": round(queued * typical / max(1, len(live)), 1) if live else None}
+
+    @uninterrupted
+    async def metrics_snapshot(self) -> dict[str, Any]:
+        """What /metrics reports from the database: jobs by kind and status, the queue, live workers, cache hits."""
+        from storage import workers
+        from studio.worker import HEARTBEAT_S
+
+        async with self.db.session() as session:
+            rows = (await session.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))).all()
+            live = len(await workers.alive(session, 3 * HEARTBEAT_S))
+            hits = await session.scalar(select(func.count()).select_from(Job).where(Job.cached_from_job_id.is_not(None)))
+        jobs = {(kind, status): count for kind, status, count in rows}
+        return {"jobs": jobs, "queued": sum(c for (_, status), c in jobs.items() if status == "queued"),
+                "workers": live, "cache_hits": hits or 0}
 
     async def healthy(self) -> bool:
         """Whether the database answers a trivial query (within 5 s)."""

@@ -120,6 +120,12 @@ class Settings(BaseSettings):
         10_000, ge=0, le=1_000_000, description="Learned routing examples kept per server; past it the oldest go.")
     route_example_half_life_days: float = Field(
         90.0, gt=0, description="Age at which a learned routing example counts half; below a quarter it stops counting.")
+    metrics_networks: list[str] = Field(
+        ["127.0.0.1/32", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
+        description="Addresses allowed to read /metrics (a JSON list of networks): the loopback and private networks, "
+        "where a Prometheus server lives, by default; others get 404.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="`dreamloom worker` serves its own Prometheus metrics on this port (0: not).")
     result_cache: bool = Field(
         True, description="Answer a request identical to one already made (same model and LoRA files, every parameter, "
         "the seed) from the image store at once, without the GPU.")

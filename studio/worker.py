@@ -44,6 +44,7 @@ class Worker:
         self.interrupt = threading.Event()  # set on a second shutdown signal: stop the running job
         self.stop: asyncio.Event | None = None  # set on the first: a learning job pauses at its next checkpoint
         self.current_job: int | None = None
+        studio.metrics.engine = engine  # /metrics reads its model loads and embedding cache
 
     async def run(self, stop: asyncio.Event, idle_seconds: float = 0.5) -> None:
         """Claim and run jobs until `stop` is set; the running job is finished first (a learning job is paused
@@ -109,6 +110,7 @@ class Worker:
                                              job.parent_image_id)
             completed = await self._complete(job.id, images, result.settings.to_dict())
             if completed:
+                self.studio.metrics.observe_job(job.kind, waited, time.monotonic() - started)
                 self.studio.publish(ProgressEvent(job.id, "done"))
                 timings = ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in result.timings.items())
                 log.info("job %s done: %d image(s) %dx%d in %.2f s (%s)", job.id, len(result.images),
@@ -369,6 +371,11 @@ async def serve(settings, *, announce=print, front_doors=(), work: bool = True, 
     try:
         if recover:
             requeued, report = await _recover(studio, host)
+        if work and not front_doors and settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.metrics_port, registry=studio.metrics.registry)
+            announce(f"dreamloom worker: metrics on port {settings.metrics_port}")
         # 2. The engine, and signals: the first stops claiming, the second interrupts the running job.
         budget = settings.model_memory_budget_mb * 2**20 if settings.model_memory_budget_mb else None
         engine = Engine(studio.registry, settings.cache_dir, device=settings.device, memory_budget_bytes=budget,

@@ -187,3 +187,41 @@ def test_progress_from_a_worker_of_another_studio_reaches_a_front_doors_subscrib
             await front.close()
 
     run(scenario())
+
+
+def test_metrics_count_jobs_cache_hits_model_loads_and_latency_for_allowed_scrapers(engine, tmp_path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from gallery.app import create_app
+    from studio.worker import Worker
+
+    async def scenario():
+        studio = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY))
+        worker = Worker(studio, engine, "test:1:1")
+        loads_before = engine.cache.loads
+        await studio.submit_imagine("alice", "a red circle --steps 4 --seed 5")
+        await studio.submit_imagine("bob", "a blue star --steps 4 --seed 6")
+        assert await worker.run_one()
+        await studio.submit_imagine("carol", "a red circle --steps 4 --seed 5")  # answered from the result cache
+        async with TestClient(TestServer(create_app(studio))) as client:
+            response = await client.get("/metrics")
+            assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
+            text = await response.text()
+        lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line and not line.startswith("#")}
+        assert lines["dreamloom_queue_depth"] == 1
+        assert lines['dreamloom_jobs{kind="imagine",status="done"}'] == 2
+        assert lines['dreamloom_jobs{kind="imagine",status="queued"}'] == 1
+        assert lines["dreamloom_result_cache_hits_total"] == 1
+        assert lines['dreamloom_job_running_seconds_count{kind="imagine"}'] == 1
+        assert lines['dreamloom_job_queued_seconds_bucket{kind="imagine",le="+Inf"}'] == 1
+        assert lines["dreamloom_model_loads_total"] == engine.cache.loads >= loads_before
+        assert "dreamloom_embedding_cache_total" in text and "dreamloom_workers" in text
+        await studio.close()
+        # A scraper outside the allowed networks finds nothing there.
+        studio = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, metrics_networks=["10.9.9.0/24"]))
+        async with TestClient(TestServer(create_app(studio))) as client:
+            assert (await client.get("/metrics")).status == 404
+        await studio.close()
+
+    run(scenario())

@@ -61,6 +61,7 @@ bench: setup system-packages
 	$(PYTHON) bench/route_learning_bench.py
 	$(PYTHON) bench/cache_bench.py
 	$(PYTHON) bench/merge_bench.py
+	$(PYTHON) bench/affinity_bench.py
 	$(PYTHON) -m engine.training.kit_checks
 
 clean:

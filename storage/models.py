@@ -106,6 +106,8 @@ class Job(Base):
     # is answered from the job that made them (`cached_from_job_id`), without the GPU.
     result_key: Mapped[str | None] = mapped_column(String(64), default=None)
     cached_from_job_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Times this job, the fair next one, was passed over for a job on a model a worker had loaded (bounded).
+    affinity_skips: Mapped[int] = mapped_column(Integer, default=0)
 
     images: Mapped[list[Image]] = relationship(back_populates="job", foreign_keys="Image.job_id",
                                                order_by="Image.index_in_job", lazy="raise")

@@ -127,7 +127,11 @@ async def record_finished(session: AsyncSession, new: NewJob, settings: dict[str
     return job
 
 
-async def _next_candidate(session: AsyncSession, lock: bool, exclude_kinds: tuple[str, ...] = ()) -> int | None:
+MAX_AFFINITY_SKIPS = 3  # how often the fair next job may be passed over for one on a model a worker has loaded
+
+
+async def _next_candidate(session: AsyncSession, lock: bool, exclude_kinds: tuple[str, ...] = (),
+                          loaded_models: tuple[str, ...] = ()) -> int | None:
     def first(statement):
         if exclude_kinds:
             statement = statement.where(Job.kind.not_in(exclude_kinds))
@@ -142,25 +146,38 @@ async def _next_candidate(session: AsyncSession, lock: bool, exclude_kinds: tupl
     # 2. Round-robin: the user served least recently, then their oldest queued job.
     users = (await session.scalars(select(User.id).where(User.queued_count > 0)
                                    .order_by(User.last_served_at.asc().nulls_first(), User.id).limit(8))).all()
+    fair = None
     for user_id in users:
-        job_id = await session.scalar(first(select(Job.id).where(Job.user_id == user_id, Job.status == "queued")
-                                            .order_by(Job.id)))
-        if job_id is not None:
-            return job_id
-    return None
+        row = (await session.execute(first(select(Job.id, Job.model, Job.affinity_skips)
+                                           .where(Job.user_id == user_id, Job.status == "queued").order_by(Job.id)))).first()
+        if row is None:
+            continue
+        if fair is None:
+            fair = row
+            # 3. Model affinity: the fair job runs here if this worker has its model loaded (or has none loaded),
+            #    or once it has been passed over MAX_AFFINITY_SKIPS times; else the next user's job on a loaded model.
+            if not loaded_models or row.model in loaded_models or row.affinity_skips >= MAX_AFFINITY_SKIPS:
+                return row.id
+            continue
+        if row.model in loaded_models:
+            await session.execute(update(Job).where(Job.id == fair.id).values(affinity_skips=Job.affinity_skips + 1))
+            return row.id
+    return fair.id if fair is not None else None
 
 
 async def claim(session: AsyncSession, worker: str, lease_seconds: float, *, lock: bool = False,
-                now: datetime | None = None, exclude_kinds: tuple[str, ...] = ()) -> Job | None:
+                now: datetime | None = None, exclude_kinds: tuple[str, ...] = (),
+                loaded_models: tuple[str, ...] = ()) -> Job | None:
     """Take the next job under a lease, or None when the queue is empty.
 
     `lock=True` (PostgreSQL) selects with FOR UPDATE SKIP LOCKED so concurrent workers never
     wait on each other; on SQLite the conditional UPDATE below is the atomic step. `exclude_kinds`: what a
-    worker already running a job of that kind (a learning job between its slices) must not take.
+    worker already running a job of that kind (a learning job between its slices) must not take. `loaded_models`:
+    the models the worker holds; a job on one of them may go before the fair next job (model affinity, bounded).
     """
     now = now or utcnow()
     for _ in range(8):
-        job_id = await _next_candidate(session, lock, exclude_kinds)
+        job_id = await _next_candidate(session, lock, exclude_kinds, loaded_models)
         if job_id is None:
             return None
         # The conditional UPDATE is the claim; RETURNING hands back the row without another round trip.

@@ -145,7 +145,7 @@ class Worker:
     async def _claim(self, exclude_kinds: tuple[str, ...] = ()) -> Job | None:
         async with self.studio.db.session() as session:
             return await queue.claim(session, self.worker_id, self.lease_seconds, lock=not self.studio.db.is_sqlite,
-                                     exclude_kinds=exclude_kinds)
+                                     exclude_kinds=exclude_kinds, loaded_models=tuple(self.engine.cache.loaded_names()))
 
     @uninterrupted
     async def _release(self, job_id: int, note: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, inspect, select, update
 
 from dreamloom.errors import InvalidPrompt, InvalidRequest, LimitReached, NotAllowed, NotFound, UnknownModel
 from storage import queue
@@ -609,5 +609,33 @@ def test_sign_in_with_discord_admits_only_the_configured_servers_members(tmp_pat
             await studio.finish_sign_in(state, "a-forged-code")
         await studio.close()
         await double.stop()
+
+    run(scenario())
+
+
+def test_model_affinity_prefers_a_loaded_model_but_passes_the_fair_job_over_at_most_three_times(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path, max_queued_per_user=100)
+        for i in range(4):
+            await studio.submit_imagine("alice", f"a red circle --seed {i} --model starter-shapes")
+            await studio.submit_imagine("bob", f"a blue star --seed {i} --model starter-niji")
+
+        async def order(loaded: tuple[str, ...]) -> list[str]:
+            models = []
+            async with studio.db.session() as session:
+                for _ in range(4):
+                    models.append((await queue.claim(session, "w1", 30, loaded_models=loaded)).model)
+            async with studio.db.session() as session:  # everything back in the queue, for the next policy
+                await session.execute(update(Job).values(status="queued", affinity_skips=0, lease_owner=None))
+                await session.execute(update(User).values(last_served_at=None, queued_count=4))
+            return models
+
+        # Without affinity: strict round-robin. A worker holding the niji model takes bob's niji jobs first, but
+        # alice's job (the fair next one) waits behind at most three of them.
+        assert await order(()) == ["starter-shapes", "starter-niji"] * 2
+        assert await order(("starter-niji",)) == ["starter-niji"] * 3 + ["starter-shapes"]
+        # Holding alice's model: her job first (it is the fair one), then bob's passed over three times, the bound.
+        assert await order(("starter-shapes",)) == ["starter-shapes"] * 4
+        await studio.close()
 
     run(scenario())

@@ -1,5 +1,6 @@
-"""Workers' heartbeats (which worker processes are alive, what they hold and run) and the latest preview of each
-running job (progress events between processes carry ids; the preview is read from here)
+"""Workers' heartbeats (which worker processes are alive, what they hold and run), the latest preview of each
+running job (progress events between processes carry ids; the preview is read from here), and how often a job
+was passed over for one on a model a worker had loaded (model affinity)
 
 Revision ID: 0011
 Revises: 0010
@@ -15,6 +16,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("affinity_skips", sa.Integer(), nullable=False, server_default="0"))
     op.create_table(
         "workers",
         sa.Column("id", sa.String(length=100), primary_key=True),
@@ -39,3 +42,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("job_previews")
     op.drop_table("workers")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("affinity_skips")

@@ -13,14 +13,12 @@ import time
 from dataclasses import dataclass
 from threading import Event
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dreamloom.errors import InvalidPrompt, InvalidRequest
-from engine.cache import CacheEntry
 from engine.generation import GenerationResult, ImagineRequest, model_family, resolve_settings
-from engine.merge import MergeRecipe, plan_merge, merge_tensor
 from engine.params import LoraChoice, PromptRequest, parse_prompt
+from engine.recipe import MergeRecipe
 
 AXIS_KINDS = ("model", "alpha", "lora", "prompt", "seed", "cfg", "steps", "sampler")
 MAX_VALUES = 8  # per axis
@@ -212,6 +210,7 @@ class _MergeSweep:
     """A pipeline of model A's, whose weights are set to the recipe's merge at each alpha (in memory)."""
 
     def __init__(self, engine, recipe: MergeRecipe) -> None:
+        from engine.merge import plan_merge
         from engine.models import load_pipeline
 
         self.engine = engine
@@ -225,7 +224,7 @@ class _MergeSweep:
         self.pipe = load_pipeline(self.spec, engine.device, engine.dtype_for(self.spec.family), engine.cache_dir)
         self.targets = self._targets()
 
-    def _targets(self) -> dict[str, tuple[torch.nn.Module, str]]:
+    def _targets(self) -> dict[str, tuple[object, str]]:
         """checkpoint key -> (the pipeline module, its parameter name)."""
         source = self.plan.sources["a"]
         modules = {"unet": self.pipe.unet, "vae": self.pipe.vae, "text_encoder": self.pipe.text_encoder}
@@ -237,7 +236,11 @@ class _MergeSweep:
         return targets
 
     def imagine(self, prompt: PromptRequest, alpha: float) -> GenerationResult:
+        import torch
+
         from engine import pipelines
+        from engine.cache import CacheEntry
+        from engine.merge import merge_tensor, plan_merge
 
         plan = plan_merge(dataclasses.replace(self.recipe, alpha=alpha), self.engine.registry)
         with torch.no_grad():

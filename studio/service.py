@@ -22,7 +22,7 @@ from sqlalchemy import func, select, update
 from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
 from engine.compare import CompareRequest, cells as compare_cells, parse_axes
 from engine.hashes import FileHashes
-from engine.merge import MergeRecipe
+from engine.recipe import MergeRecipe
 from engine.images import make_grid, open_image
 from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry

@@ -19,9 +19,8 @@ from dreamloom.errors import UnknownModel, DreamloomError, public_message, Engin
 from engine.generation import GenerationResult, ImagineRequest, UpscaleRequest, VaryRequest
 from engine.compare import CompareRequest, parse_axes
 from engine.images import open_image
-from engine.merge import MergeRecipe
+from engine.recipe import MergeRecipe
 from engine.params import LoraChoice, parse_prompt
-from engine.service import Engine
 from storage import queue, workers
 from storage.database import uninterrupted
 from storage.models import Image, Job
@@ -36,7 +35,7 @@ CANCEL_POLL_S = 0.5  # a cancel from another process is seen within this time
 class Worker:
     """Runs queued jobs one at a time on the engine; many workers may share a PostgreSQL database."""
 
-    def __init__(self, studio: Studio, engine: Engine, worker_id: str) -> None:
+    def __init__(self, studio: Studio, engine, worker_id: str) -> None:
         self.studio = studio
         self.engine = engine
         self.worker_id = worker_id
@@ -376,8 +375,11 @@ async def serve(settings, *, announce=print, front_doors=(), work: bool = True, 
 
             start_http_server(settings.metrics_port, registry=studio.metrics.registry)
             announce(f"dreamloom worker: metrics on port {settings.metrics_port}")
-        # 2. The engine, and signals: the first stops claiming, the second interrupts the running job.
+        # 2. The engine (torch is imported only here: `serve --no-worker` never loads it), and signals: the first
+        #    stops claiming, the second interrupts the running job.
         budget = settings.model_memory_budget_mb * 2**20 if settings.model_memory_budget_mb else None
+        if work:
+            from engine.service import Engine
         engine = Engine(studio.registry, settings.cache_dir, device=settings.device, memory_budget_bytes=budget,
                         embedding_cache_size=settings.embedding_cache_size) if work else None
         worker = Worker(studio, engine, worker_id) if work else None

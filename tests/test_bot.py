@@ -451,5 +451,8 @@ def test_admins_compare_seeds_and_settings_on_one_labelled_grid(engine, tmp_path
             page, _ = await studio.gallery(GalleryQuery(period="all", viewer_guilds=(str(double.guild_id),)))
             shown = [item.image_id for item in page]
             assert made.images[0].id in shown and job.images[0].id not in shown  # boards stay out of the gallery
+            status = await double.slash(world.admin, "admin", {}, subcommand="status")
+            await double.wait_for(lambda: status.callbacks, 60, "/admin status")
+            assert "worker(s)** alive · 0 queued · 0 running" in status.callbacks[0]["data"]["content"]
 
     run(scenario())

@@ -5,10 +5,12 @@ import asyncio
 import io
 import json
 import tomllib
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from PIL import Image as PILImage
+import sqlalchemy as sa
 from sqlalchemy import func, inspect, select, update
 
 from dreamloom.errors import InvalidPrompt, InvalidRequest, LimitReached, NotAllowed, NotFound, UnknownModel
@@ -56,10 +58,13 @@ def test_migrations_from_empty_to_head_and_back(database_url):
         db = Database(database_url)
         assert await db.revision() is None
         await db.upgrade()
-        assert await db.revision() == Database.head() == "0008"
+        assert await db.revision() == Database.head() == "0011"
         async with db.engine.connect() as connection:
             tables = await connection.run_sync(lambda sync: set(inspect(sync).get_table_names()))
-        assert {"jobs", "images", "votes", "users", "guilds", "favourites", "job_loras", "learned_styles"} <= tables
+            job_columns = await connection.run_sync(lambda sync: {c["name"] for c in inspect(sync).get_columns("jobs")})
+        assert {"jobs", "images", "votes", "users", "guilds", "favourites", "job_loras", "learned_styles",
+                "route_examples", "workers", "job_previews"} <= tables
+        assert {"result_key", "cached_from_job_id", "affinity_skips"} <= job_columns
         await db.downgrade("base")
         assert await db.revision() is None
         await db.upgrade()
@@ -73,15 +78,20 @@ def test_migration_0004_lists_the_loras_of_existing_jobs(database_url):
     async def scenario():
         db = Database(database_url)
         await db.upgrade("0003")
+        # The jobs table as it was at 0003 (today's model has columns added since).
+        old_jobs = sa.table("jobs", *(sa.column(name) for name in (
+            "kind", "status", "priority", "user_id", "raw_prompt", "prompt", "negative_prompt", "attempts",
+            "max_attempts", "cancel_requested")), sa.column("parameters", sa.JSON()), sa.column("loras", sa.JSON()),
+            sa.column("created_at", sa.DateTime(timezone=True)))
+        common = {"kind": "imagine", "status": "queued", "priority": 0, "user_id": "alice", "prompt": "",
+                  "negative_prompt": "", "attempts": 0, "max_attempts": 3, "cancel_requested": False, "parameters": {},
+                  "created_at": datetime.now(timezone.utc)}
         async with db.session() as session:
             session.add(User(id="alice", display_name="alice", defaults={}))
             await session.flush()
-            session.add_all([
-                Job(kind="imagine", user_id="alice", raw_prompt="a", loras=[{"name": "outline", "weight": 1.0},
-                                                                             {"name": "night", "weight": 0.5}]),
-                Job(kind="imagine", user_id="alice", raw_prompt="b", loras=[]),
-                Job(kind="imagine", user_id="alice", raw_prompt="c", loras=[{"name": "night", "weight": 1.0}]),
-            ])
+            for raw, loras in (("a", [{"name": "outline", "weight": 1.0}, {"name": "night", "weight": 0.5}]),
+                               ("b", []), ("c", [{"name": "night", "weight": 1.0}])):
+                await session.execute(sa.insert(old_jobs).values(raw_prompt=raw, loras=loras, **common))
         await db.upgrade()
         async with db.session() as session:
             rows = (await session.execute(select(JobLora.job_id, JobLora.name).order_by(JobLora.job_id, JobLora.name))).all()

@@ -225,3 +225,38 @@ def test_metrics_count_jobs_cache_hits_model_loads_and_latency_for_allowed_scrap
         await studio.close()
 
     run(scenario())
+
+
+@pytest.mark.timeout(300)
+def test_the_log_never_shows_the_discord_token_or_the_database_password(postgres_server, tmp_path):
+    token, password = "MTAx.secret-bot-token.Zz9", "hunter2-db-password"
+    gallery_port = _free_port()
+    url = postgres_server.create_database(f"logs_{os.getpid()}").replace("postgres@", f"postgres:{password}@", 1)
+    assert password in url  # trust auth on the test server: any password is accepted, and it is in the URL
+    env = {**os.environ, "DREAMLOOM_DATA_DIR": str(tmp_path), "DREAMLOOM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+           "DREAMLOOM_GALLERY_PORT": str(gallery_port), "DREAMLOOM_DATABASE_URL": url, "DISCORD_TOKEN": token,
+           # Discord is unreachable: the bot logs its failed connection attempts, which must not carry the token.
+           "DREAMLOOM_DISCORD_API_BASE": f"http://127.0.0.1:{_free_port()}/api/v10",
+           "DREAMLOOM_DISCORD_GATEWAY_URL": f"ws://127.0.0.1:{_free_port()}/"}
+    server = subprocess.Popen([str(DREAMLOOM), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    deadline, healthy = time.time() + 90, False
+    while time.time() < deadline and not healthy and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{gallery_port}/healthz", timeout=2) as response:
+                healthy = response.status == 200
+        except OSError:
+            time.sleep(0.5)
+    assert healthy, "serve must keep running (and the gallery answering) while Discord is unreachable"
+    server.send_signal(signal.SIGTERM)
+    try:
+        output = server.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        server.kill()
+        output = server.communicate()[0]
+    assert "ready on postgresql+asyncpg://" in output and "Discord is unreachable" in output, output
+    assert token not in output and password not in output, output
+    submit = subprocess.run([str(DREAMLOOM), "submit", "a red circle", "--user", "alice", "--json"],
+                            env={**env, "DREAMLOOM_DATABASE_URL": url.replace(str(postgres_server.port), "1", 1)},
+                            capture_output=True, text=True, timeout=120)
+    assert submit.returncode != 0 and password not in submit.stdout + submit.stderr  # nor an error about it

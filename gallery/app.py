@@ -19,9 +19,9 @@ from PIL import Image
 
 from dreamloom.errors import DreamloomError, InvalidRequest, LimitReached, NotAllowed, NotFound, public_message
 
-from gallery.guard import (LIMITS, SESSION_COOKIE, SIGN_IN_COOKIE, STUDIO, RateLimits, client_address, cookie_options, csrf, identity,
+from gallery.guard import (LIMITS, SESSION_COOKIE, SIGN_IN_COOKIE, STUDIO, RateLimits, address_within, client_address, cookie_options, csrf, identity,
                            member, read_form, read_json, read_only_reason)
-from studio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, allowed as metrics_allowed, database_text
+from studio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, database_text
 from studio.service import TERMINAL, GalleryQuery, Studio
 from studio.signin import CALLBACK_PATH
 
@@ -323,7 +323,7 @@ async def api_image(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics, for scrapers on the allowed networks (`metrics_networks`); others get 404."""
     studio = request.app[STUDIO]
-    if not metrics_allowed(client_address(request), studio.settings.metrics_networks):
+    if not address_within(client_address(request), studio.settings.metrics_networks):
         raise web.HTTPNotFound()
     body = database_text(await studio.metrics_snapshot()) + studio.metrics.text()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -130,6 +130,11 @@ def client_address(request: web.Request) -> str:
     return peer
 
 
+def address_within(address: str, entries: list[str]) -> bool:
+    """Whether `address` lies in one of the networks `entries` names (e.g. who may read /metrics)."""
+    return _within(address, _trusted(entries))
+
+
 def _trusted(entries: list[str]) -> tuple:
     return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
 

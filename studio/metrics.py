@@ -6,7 +6,6 @@ Process metrics (latency histograms, model loads, embedding-cache hits) live whe
 """
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -84,13 +83,3 @@ class _SnapshotCollector:
         hits.add_metric([], self.snapshot["cache_hits"])
         yield from (depth, jobs, workers, hits)
 
-
-def allowed(address: str | None, networks: list[str]) -> bool:
-    """Whether a scraper at `address` may read /metrics (the loopback and private networks by default)."""
-    if not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in ipaddress.ip_network(network, strict=False) for network in networks)

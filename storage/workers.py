@@ -12,6 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from storage.database import dialect_insert
 from storage.models import WorkerRow, utcnow
 
+HEARTBEAT_S = 5.0  # a worker writes its heartbeat this often
+ALIVE_WITHIN_S = 3 * HEARTBEAT_S  # and counts as alive for three of them
+
 
 @dataclass(frozen=True)
 class Heartbeat:
@@ -34,12 +37,14 @@ async def beat(session: AsyncSession, heartbeat: Heartbeat, now: datetime | None
                               "memory_mb": heartbeat.memory_mb, "heartbeat_at": now}
     statement = dialect_insert(session, WorkerRow.__table__).values(id=heartbeat.worker_id, started_at=now, **values)
     await session.execute(statement.on_conflict_do_update(index_elements=["id"], set_=values))
-
-
-async def alive(session: AsyncSession, within_seconds: float, now: datetime | None = None) -> list[WorkerRow]:
-    """Workers heard from in the last `within_seconds`, oldest first; rows silent far longer are removed."""
-    now = now or utcnow()
+    # Workers that died long ago (no clean stop) leave the table here, on a write, not on every status read.
     await session.execute(delete(WorkerRow).where(WorkerRow.heartbeat_at < now - timedelta(days=1)))
+
+
+async def alive(session: AsyncSession, within_seconds: float = ALIVE_WITHIN_S,
+                now: datetime | None = None) -> list[WorkerRow]:
+    """Workers heard from in the last `within_seconds`, oldest first."""
+    now = now or utcnow()
     rows = await session.scalars(select(WorkerRow).where(WorkerRow.heartbeat_at >= now - timedelta(seconds=within_seconds))
                                  .order_by(WorkerRow.started_at, WorkerRow.id))
     return list(rows.all())

@@ -27,7 +27,7 @@ from engine.images import make_grid, open_image
 from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry
 from engine.routing import prepare_routing
-from storage import events, queue, sessions, votes
+from storage import events, queue, sessions, votes, workers
 from storage.database import Database, sqlite_url, uninterrupted
 from storage.export import ExportFilter, ExportReport, KohyaLayout, export_dataset
 from storage.files import ImageStore
@@ -148,11 +148,8 @@ class Studio(LearningMixin, RoutingMixin):
     async def status(self) -> dict[str, Any]:
         """The live workers (heard from in the last three heartbeats: host, device, loaded models, current job,
         memory), the queue's depth and how long it will take to clear."""
-        from storage import workers
-        from studio.worker import HEARTBEAT_S
-
         async with self.db.session() as session:
-            rows = await workers.alive(session, 3 * HEARTBEAT_S)
+            rows = await workers.alive(session)
             counts = dict((await session.execute(select(Job.status, func.count()).where(
                 Job.status.in_(("queued", "running"))).group_by(Job.status))).all())
             typical = await self._typical_duration(session, "imagine")
@@ -168,12 +165,9 @@ class Studio(LearningMixin, RoutingMixin):
     @uninterrupted
     async def metrics_snapshot(self) -> dict[str, Any]:
         """What /metrics reports from the database: jobs by kind and status, the queue, live workers, cache hits."""
-        from storage import workers
-        from studio.worker import HEARTBEAT_S
-
         async with self.db.session() as session:
             rows = (await session.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))).all()
-            live = len(await workers.alive(session, 3 * HEARTBEAT_S))
+            live = len(await workers.alive(session))
             hits = await session.scalar(select(func.count()).select_from(Job).where(Job.cached_from_job_id.is_not(None)))
         jobs = {(kind, status): count for kind, status, count in rows}
         return {"jobs": jobs, "queued": sum(c for (_, status), c in jobs.items() if status == "queued"),

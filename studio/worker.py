@@ -28,7 +28,6 @@ from studio.service import ProgressEvent, Studio
 
 log = logging.getLogger(__name__)
 PREVIEW_INTERVAL_S = 0.5
-HEARTBEAT_S = 5.0  # a worker writes its heartbeat this often; `status` counts it alive for three of them
 CANCEL_POLL_S = 0.5  # a cancel from another process is seen within this time
 
 
@@ -56,7 +55,7 @@ class Worker:
                 except asyncio.TimeoutError:
                     pass
 
-    async def keep_beating(self, stop: asyncio.Event, interval: float = HEARTBEAT_S) -> None:
+    async def keep_beating(self, stop: asyncio.Event, interval: float = workers.HEARTBEAT_S) -> None:
         """Write this worker's heartbeat (the models it holds, its job, device and memory) until `stop`; then leave
         the list of live workers."""
         while True:
@@ -73,8 +72,7 @@ class Worker:
 
     @uninterrupted
     async def _beat(self) -> None:
-        host, pid, _ = (self.worker_id.split(":") + ["", ""])[:3]
-        beat = workers.Heartbeat(self.worker_id, host, int(pid) if pid.isdigit() else os.getpid(), self.engine.device,
+        beat = workers.Heartbeat(self.worker_id, socket.gethostname(), os.getpid(), self.engine.device,
                                  self.engine.cache.loaded_names(), self.current_job, self.engine.memory_mb())
         async with self.studio.db.session() as session:
             await workers.beat(session, beat)

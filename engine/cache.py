@@ -22,6 +22,7 @@ class CacheEntry:
     derived: dict[str, Any] = field(default_factory=dict)
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters loaded into `pipe`: name -> file
     embeddings: ScopedEmbeddings | None = None  # the prompt-embedding cache for this model (None: off)
+    name: str = ""  # the model's name (status and heartbeats show it)
 
 
 class ModelCache:
@@ -47,7 +48,6 @@ class ModelCache:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self.lock = threading.RLock()
-        self._names: dict[str, str] = {}  # cache key -> the model's name
         self.loads = 0
         self.evictions = 0
 
@@ -62,7 +62,7 @@ class ModelCache:
 
     def loaded_names(self) -> list[str]:
         """The loaded models' names, least recently used first."""
-        return [self._names.get(key, key) for key in list(self._entries)]
+        return [entry.name for entry in list(self._entries.values())]
 
     def _evict_one(self) -> None:
         self._entries.popitem(last=False)
@@ -84,8 +84,7 @@ class ModelCache:
                     )
                 while self._entries and self.used_bytes + size > self.budget_bytes:
                     self._evict_one()
-                entry = CacheEntry(self._load(spec), size)
-                self._names[spec.key] = spec.name
+                entry = CacheEntry(self._load(spec), size, name=spec.name)
                 self.loads += 1
                 self._entries[spec.key] = entry
             self._entries.move_to_end(spec.key)

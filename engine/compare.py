@@ -15,8 +15,8 @@ from threading import Event
 
 from PIL import Image, ImageDraw, ImageFont
 
-from dreamloom.errors import InvalidPrompt, InvalidRequest
-from engine.generation import GenerationResult, ImagineRequest, model_family, resolve_settings
+from dreamloom.errors import GenerationCancelled, InvalidPrompt, InvalidRequest
+from engine.generation import GenerationResult, ImagineRequest, StepProgress, model_family, resolve_settings
 from engine.params import LoraChoice, PromptRequest, parse_prompt
 from engine.recipe import MergeRecipe
 
@@ -174,29 +174,25 @@ def compare(engine, request: CompareRequest, on_step=None, cancel: Event | None 
     """Generate every cell (the same seed) and draw the grid; one image in the result."""
     request.check()
     plan = cells(request)
-    specs = {}
+    routed_prompts = []
     for _, _, prompt, _ in plan:  # every model, LoRA and sampler is checked before the first cell runs
         spec, routed = engine.plan(prompt, auto=False)
         resolve_settings(routed, spec, model_family(spec), rng=engine.rng)
-        specs[id(prompt)] = (spec, routed)
+        routed_prompts.append(routed)
     started = time.perf_counter()
     images, first = [], None
     sweep = _MergeSweep(engine, request.recipe) if request.recipe is not None else None
     try:
         for index, (_, _, prompt, alpha) in enumerate(plan):
             if cancel is not None and cancel.is_set():
-                from dreamloom.errors import GenerationCancelled
-
                 raise GenerationCancelled("Cancelled.")
             if alpha is None:
                 result = engine.imagine(ImagineRequest(prompt, route=False))
             else:
-                result = sweep.imagine(specs[id(prompt)][1], alpha)
+                result = sweep.imagine(routed_prompts[index], alpha)
             images.append(result.images[0])
             first = first or result
             if on_step is not None:
-                from engine.generation import StepProgress
-
                 on_step(StepProgress(index + 1, len(plan)))
     finally:
         if sweep is not None:
@@ -224,15 +220,17 @@ class _MergeSweep:
         self.pipe = load_pipeline(self.spec, engine.device, engine.dtype_for(self.spec.family), engine.cache_dir)
         self.targets = self._targets()
 
-    def _targets(self) -> dict[str, tuple[object, str]]:
-        """checkpoint key -> (the pipeline module, its parameter name)."""
-        source = self.plan.sources["a"]
-        modules = {"unet": self.pipe.unet, "vae": self.pipe.vae, "text_encoder": self.pipe.text_encoder}
+    def _targets(self) -> dict:
+        """checkpoint key -> the pipeline's tensor it sets (looked up once, for every alpha)."""
+        tensors = {}
+        for component in ("unet", "vae", "text_encoder"):
+            module = getattr(self.pipe, component)
+            tensors[component] = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         targets = {}
-        for key, (reader, inner, _) in source.tensors.items():
-            component = reader.path.parent.name
-            if component in modules and key in self.plan.ratios:
-                targets[key] = (modules[component], inner)
+        for key, (reader, inner, _) in self.plan.sources["a"].tensors.items():
+            found = tensors.get(reader.path.parent.name, {}).get(inner)
+            if found is not None and key in self.plan.ratios:
+                targets[key] = found
         return targets
 
     def imagine(self, prompt: PromptRequest, alpha: float) -> GenerationResult:
@@ -244,10 +242,8 @@ class _MergeSweep:
 
         plan = plan_merge(dataclasses.replace(self.recipe, alpha=alpha), self.engine.registry)
         with torch.no_grad():
-            for key, (module, name) in self.targets.items():
-                parameter = module.get_parameter(name) if name in dict(module.named_parameters()) else \
-                    module.get_buffer(name)
-                parameter.copy_(merge_tensor(plan, key).reshape(parameter.shape).to(parameter.dtype))
+            for key, tensor in self.targets.items():
+                tensor.copy_(merge_tensor(plan, key).reshape(tensor.shape).to(tensor.dtype))
         family = model_family(self.spec)
         settings = resolve_settings(prompt, self.spec, family, rng=self.engine.rng)
         with self.engine.cache.lock:

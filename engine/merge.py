@@ -23,6 +23,7 @@ not three models. Why our own code and not sd-mecha: the README, "Merging and co
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -454,7 +455,7 @@ def write_merge(plan: MergePlan, out: Path, metadata: dict[str, str]) -> Path:
     for key in plan.keys + extras:
         shape = a.shape(key)
         target = dtype if key in plan.ratios else a.dtype(key)
-        size = _element_size(target) * _numel(shape)
+        size = target.itemsize * math.prod(shape)
         layout[key] = {"dtype": _DTYPE_NAMES[target], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     header = json.dumps({"__metadata__": metadata, **layout}, separators=(",", ":")).encode()
@@ -471,17 +472,6 @@ def write_merge(plan: MergePlan, out: Path, metadata: dict[str, str]) -> Path:
             handle.write(_bytes(a.read(key)))
     temporary.replace(out)
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _bytes(value: torch.Tensor) -> bytes:

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 
 RETRY_S = 30.0  # between attempts to reach Discord when it was unreachable at start
+UNREACHABLE = (OSError, aiohttp.ClientError, asyncio.TimeoutError, discord.HTTPException)  # down, not refusing us
 
 
 async def _log_in_later(bot, token: str, announce) -> None:
@@ -27,7 +28,7 @@ async def _log_in_later(bot, token: str, announce) -> None:
             log.error("Discord refused DISCORD_TOKEN; copy the bot token again from the Developer Portal. The bot "
                       "stays off until `serve` restarts.")
             return
-        except (OSError, aiohttp.ClientError, asyncio.TimeoutError, discord.HTTPException) as error:
+        except UNREACHABLE as error:
             log.warning("Discord is still unreachable (%s); trying again in %.0f s", type(error).__name__, RETRY_S)
             continue
         announce(f"dreamloom serve: Discord bot logged in as {bot.user} (application {bot.application_id})")
@@ -53,7 +54,7 @@ async def start_bot(studio, settings, announce=print, **options):
     except discord.LoginFailure:
         await bot.close()
         raise ConfigError("Discord refused DISCORD_TOKEN; copy the bot token again from the Developer Portal.") from None
-    except (OSError, aiohttp.ClientError, asyncio.TimeoutError, discord.HTTPException) as error:
+    except UNREACHABLE as error:
         # Discord down or unreachable: the gallery and the worker run on; the bot keeps trying.
         announce(f"dreamloom serve: Discord is unreachable ({type(error).__name__}); the bot tries again every "
                  f"{RETRY_S:.0f} s, and the gallery and the queue run meanwhile")

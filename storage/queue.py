@@ -14,6 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dreamloom.errors import LimitReached, NotAllowed, NotFound
+from storage.database import dialect_insert
 from storage.models import Image, Job, JobLora, User, utcnow
 
 UPSCALE_PRIORITY = 1
@@ -54,13 +55,21 @@ class NewImage:
     parent_image_id: int | None = None
 
 
-async def ensure_user(session: AsyncSession, user_id: str, display_name: str = "") -> User:
-    """The user row, created on first sight."""
-    user = await session.get(User, user_id)
+async def ensure_user(session: AsyncSession, user_id: str, display_name: str = "", *, lock: bool = False) -> User:
+    """The user row, created on first sight; `lock` holds it (FOR UPDATE on PostgreSQL) until the unit of work ends.
+
+    Two front doors (or two clicks) may see a new member at the same moment: the row is inserted with ON CONFLICT DO
+    NOTHING and read back, so the second one finds the first's row instead of failing on the primary key.
+    """
+    statement = select(User).where(User.id == user_id)
+    if lock:
+        statement = statement.with_for_update()
+    user = await session.scalar(statement)
     if user is None:
-        user = User(id=user_id, display_name=display_name or user_id, defaults={}, banned=False, queued_count=0)
-        session.add(user)
-        await session.flush()
+        await session.execute(dialect_insert(session, User.__table__).values(
+            id=user_id, display_name=display_name or user_id, defaults={}, banned=False, queued_count=0,
+            created_at=utcnow()).on_conflict_do_nothing(index_elements=["id"]))
+        user = await session.scalar(statement.execution_options(populate_existing=True))
     return user
 
 
@@ -68,7 +77,8 @@ async def enqueue(session: AsyncSession, new: NewJob, *, max_queued_per_user: in
                   now: datetime | None = None) -> Job:
     """Insert a queued job after checking the user's limits."""
     now = now or utcnow()
-    user = await ensure_user(session, new.user_id)
+    # Locked: two submits of one member at once must not both pass the queue limit.
+    user = await ensure_user(session, new.user_id, lock=True)
     if user.banned:
         raise NotAllowed("You are banned from generating images here.")
     if user.queued_count >= max_queued_per_user:
@@ -277,14 +287,19 @@ async def record_progress(session: AsyncSession, job_id: int, worker: str, progr
                           .values(settings={"progress": progress}))
 
 
-async def requeue_orphans(session: AsyncSession, *, owner_prefix: str | None = None, now: datetime | None = None) -> list[int]:
+async def requeue_orphans(session: AsyncSession, *, owner_prefix: str | None = None, now: datetime | None = None,
+                          lock: bool = False) -> list[int]:
     """Running jobs whose lease expired (or whose owner on this host is gone): back to the queue, or failed
-    after `max_attempts`. Returns the ids put back in the queue."""
+    after `max_attempts`. Returns the ids put back in the queue. `lock=True` (PostgreSQL): rows another worker is
+    requeueing at the same moment are skipped, so a job is never put back twice."""
     now = now or utcnow()
     condition = Job.lease_expires_at < now
     if owner_prefix:
         condition = condition | Job.lease_owner.startswith(owner_prefix)
-    orphans = (await session.scalars(select(Job).where(Job.status == "running", condition))).all()
+    statement = select(Job).where(Job.status == "running", condition)
+    if lock:
+        statement = statement.with_for_update(skip_locked=True)
+    orphans = (await session.scalars(statement.execution_options(populate_existing=True))).all()
     requeued = []
     for job in orphans:
         job.lease_owner = job.lease_expires_at = None

@@ -33,7 +33,7 @@ def _engine(settings):
 
     budget = settings.model_memory_budget_mb * 2**20 if settings.model_memory_budget_mb else None
     return Engine(load_registry(settings.registry), settings.cache_dir, device=settings.device, memory_budget_bytes=budget,
-                  embedding_cache_size=settings.embedding_cache_size)
+                  embedding_cache_size=settings.embedding_cache_size, threads=settings.torch_threads)
 
 
 def _source(path: Path):
@@ -367,7 +367,7 @@ def cmd_serve(args, settings) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The log tells what happens to jobs; libraries' start-up chatter (migrations, model files) only at WARNING.
-    for chatty in ("alembic", "sentence_transformers", "httpx", "aiohttp.access"):
+    for chatty in ("alembic", "httpx", "aiohttp.access"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.command == "worker":  # the engine only: no front doors, and other workers beside it
         asyncio.run(serve(settings, announce=lambda line: print(line, flush=True), front_doors=(), recover=False))

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     registry: Path = Field(default_factory=default_registry,
                            description="The model registry (models.toml); default the checkout's, else the starter one.")
     device: str | None = Field(None, description="Torch device: cpu, cuda or cuda:N; default CUDA when available.")
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads torch uses in this process (default: torch's own, all cores); "
+        "pin it when several workers share a machine.")
     model_memory_budget_mb: int | None = Field(
         None, ge=1, description="Memory for loaded models (GPU memory on a GPU, RAM on CPU); default 90% / 50%."
     )

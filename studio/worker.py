@@ -141,6 +141,12 @@ class Worker:
     @uninterrupted
     async def _claim(self, exclude_kinds: tuple[str, ...] = ()) -> Job | None:
         async with self.studio.db.session() as session:
+            # A job whose worker died (SIGKILL, a lost machine) keeps its lease until it expires; whichever worker
+            # claims next puts it back in the queue, so no process has to watch the others.
+            requeued = await queue.requeue_orphans(session, lock=not self.studio.db.is_sqlite)
+            if requeued:
+                log.warning("job(s) %s queued again: their worker stopped renewing the lease",
+                            ", ".join(map(str, requeued)))
             return await queue.claim(session, self.worker_id, self.lease_seconds, lock=not self.studio.db.is_sqlite,
                                      exclude_kinds=exclude_kinds, loaded_models=tuple(self.engine.cache.loaded_names()))
 
@@ -379,7 +385,7 @@ async def serve(settings, *, announce=print, front_doors=(), work: bool = True, 
         if work:
             from engine.service import Engine
         engine = Engine(studio.registry, settings.cache_dir, device=settings.device, memory_budget_bytes=budget,
-                        embedding_cache_size=settings.embedding_cache_size) if work else None
+                        embedding_cache_size=settings.embedding_cache_size, threads=settings.torch_threads) if work else None
         worker = Worker(studio, engine, worker_id) if work else None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -5,7 +5,7 @@ import asyncio
 import io
 import json
 import tomllib
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from storage import queue
 from storage.database import Database
 from storage.export import ExportFilter, KohyaLayout
 from storage.gallery import GalleryQuery
-from storage.models import Image, Job, JobLora, User
+from storage.models import Image, Job, JobLora, User, utcnow
 from studio.service import Studio
 from studio.settings import Settings
 from tests.conftest import TEST_REGISTRY
@@ -646,6 +646,41 @@ def test_model_affinity_prefers_a_loaded_model_but_passes_the_fair_job_over_at_m
         assert await order(("starter-niji",)) == ["starter-niji"] * 3 + ["starter-shapes"]
         # Holding alice's model: her job first (it is the fair one), then bob's passed over three times, the bound.
         assert await order(("starter-shapes",)) == ["starter-shapes"] * 4
+        await studio.close()
+
+    run(scenario())
+
+
+def test_a_new_members_first_submissions_at_the_same_moment_all_queue_within_the_limit(database_url, tmp_path):
+    # Two front doors (or a burst of slash commands) see a member for the first time at once: the user row is
+    # created once, no submission fails on it, and the queue limit still holds.
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path, max_queued_per_user=4)
+        results = await asyncio.gather(*(studio.submit_imagine("newcomer", f"a red circle --seed {n}")
+                                         for n in range(6)), return_exceptions=True)
+        queued = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(queued) == 4 and all(isinstance(r, LimitReached) for r in refused), results
+        async with studio.db.session() as session:
+            user = await session.get(User, "newcomer")
+            assert user.queued_count == 4
+        await studio.close()
+
+    run(scenario())
+
+
+def test_an_expired_lease_is_queued_again_by_the_next_claim(database_url, tmp_path):
+    async def scenario():
+        studio = await open_studio(database_url, tmp_path)
+        job = await studio.submit_imagine("alice", "a red circle --seed 1")
+        async with studio.db.session() as session:
+            assert (await queue.claim(session, "gone:1:1", 30)).id == job.id
+        later = utcnow() + timedelta(seconds=31)  # the claiming worker died without renewing
+        async with studio.db.session() as session:
+            assert await queue.requeue_orphans(session, now=later, lock=not studio.db.is_sqlite) == [job.id]
+            assert await queue.requeue_orphans(session, now=later) == []  # never twice
+            again = await queue.claim(session, "alive:2:2", 30)
+        assert again.id == job.id and again.attempts == 2
         await studio.close()
 
     run(scenario())

@@ -26,8 +26,12 @@ UP, DOWN, STAR = "\U0001f44d", "\U0001f44e", "\u2b50"
 INTERACTION_LIFETIME_S = 14 * 60  # Discord's interaction tokens last 15 minutes; keep a margin
 
 
-class DreamloomBot(discord.Client):
-    """A thin adapter: parse what Discord sends, call the studio, render the answer."""
+class DreamloomBot(discord.AutoShardedClient):
+    """A thin adapter: parse what Discord sends, call the studio, render the answer.
+
+    Sharded automatically: with no `discord_shards` setting it runs as many gateway shards as Discord recommends
+    (GET /gateway/bot: one below 2 500 servers, more past that, where Discord requires them), all in this process.
+    """
 
     def __init__(self, studio, settings, *, interaction_lifetime_s: float = INTERACTION_LIFETIME_S,
                  poll_interval_s: float = 10.0) -> None:
@@ -35,7 +39,7 @@ class DreamloomBot(discord.Client):
         # Nothing the bot posts pings anyone: prompts are echoed into messages, and `/imagine @everyone ...` must not
         # reach the whole server (mentions still render as names).
         super().__init__(intents=discord.Intents(guilds=True, guild_reactions=True),
-                         allowed_mentions=discord.AllowedMentions.none())
+                         allowed_mentions=discord.AllowedMentions.none(), shard_count=settings.discord_shards)
         self.studio = studio
         self.settings = settings
         self.interaction_lifetime_s = interaction_lifetime_s

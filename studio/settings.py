@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     web_body_timeout_s: float = Field(15.0, gt=0, description="Time a client has to send a request's body.")
 
     discord_token: str | None = Field(None, description="The Discord bot token; the bot runs only when it is set.")
+    discord_shards: int | None = Field(
+        None, ge=1, le=10_000, description="Gateway shards the bot runs; default: as many as Discord recommends (one "
+        "below 2 500 servers; Discord requires sharding past that).")
     discord_api_base: str = Field("https://discord.com/api/v10", description="Discord's REST base (any compatible API).")
     discord_gateway_url: str = Field("wss://gateway.discord.gg/", description="Discord's gateway websocket URL.")
     discord_upload_limit_mb: float = Field(10.0, gt=0, description="Largest file the bot uploads; bigger results are re-encoded.")

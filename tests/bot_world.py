@@ -40,8 +40,9 @@ tags = ["nsfw"]
 class BotWorld:
     """`async with BotWorld(engine, tmp_path) as world:` gives `world.double`, `world.studio`, members, helpers."""
 
-    def __init__(self, engine, tmp_path: Path, **settings) -> None:
+    def __init__(self, engine, tmp_path: Path, *, recommended_shards: int = 1, **settings) -> None:
         self.engine = engine
+        self.recommended_shards = recommended_shards  # what the double's GET /gateway/bot answers
         self.tmp_path = tmp_path
         self.overrides = settings
         self.alice = Member("3001", "alice")
@@ -50,6 +51,7 @@ class BotWorld:
 
     async def __aenter__(self) -> BotWorld:
         self.double = DiscordDouble()
+        self.double.shard_count = self.recommended_shards
         await self.double.start()
         registry = self.tmp_path / "models.toml"
         registry.write_text(REGISTRY)

@@ -108,7 +108,9 @@ class DiscordDouble:
         self.autocomplete: dict[str, list[dict[str, Any]]] = {}
         self.identifies = 0
         self.resumes = 0
-        self._ws: web.WebSocketResponse | None = None
+        self._ws: web.WebSocketResponse | None = None  # the gateway connection of the test server's shard
+        self.shard_count = 1  # what GET /gateway/bot recommends
+        self.identified_shards: list[list[int]] = []
         self._session_id: str | None = None
         self._seq = 0
         self._history: list[dict[str, Any]] = []
@@ -236,10 +238,14 @@ class DiscordDouble:
 
     # -- gateway --------------------------------------------------------------------------------------
 
+    def guild_shard(self) -> int:
+        """The shard the test server belongs to (Discord's rule: (guild_id >> 22) % shard count)."""
+        return (int(self.guild_id) >> 22) % self.shard_count
+
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
-        self._ws = ws
+        owner = False  # whether this connection is the shard that holds the test server (it gets its events)
         await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}, "s": None, "t": None}))
         async for message in ws:
             if message.type != WSMsgType.TEXT:
@@ -250,25 +256,31 @@ class DiscordDouble:
                 await ws.send_str(json.dumps({"op": 11, "d": None, "s": None, "t": None}))
             elif op == 2:
                 self.identifies += 1
-                self._session_id, self._seq, self._history = self.snowflake(), 0, []
-                await self._send_event("READY", {
-                    "v": 10, "user": self.bot_user, "guilds": [{"id": self.guild_id, "unavailable": True}],
-                    "session_id": self._session_id, "resume_gateway_url": self.gateway_url, "shard": [0, 1],
-                    "application": {"id": self.app_id, "flags": 0}, "private_channels": [], "relationships": [],
-                })
+                shard = list(data.get("shard") or [0, 1])
+                self.identified_shards.append(shard)
+                ready = {"v": 10, "user": self.bot_user, "guilds": [], "session_id": self.snowflake(),
+                         "resume_gateway_url": self.gateway_url, "shard": shard,
+                         "application": {"id": self.app_id, "flags": 0}, "private_channels": [], "relationships": []}
+                if shard[0] != self.guild_shard():  # a shard without the test server: READY, then only heartbeats
+                    await ws.send_str(json.dumps({"op": 0, "t": "READY", "s": 1, "d": ready}))
+                    continue
+                owner, self._ws = True, ws
+                self._session_id, self._seq, self._history = ready["session_id"], 0, []
+                await self._send_event("READY", ready | {"guilds": [{"id": self.guild_id, "unavailable": True}]})
                 await self._send_event("GUILD_CREATE", self._guild())
                 self._connected.set()
             elif op == 6:
                 if data.get("session_id") != self._session_id:
                     await ws.send_str(json.dumps({"op": 9, "d": False, "s": None, "t": None}))
                     continue
+                owner, self._ws = True, ws
                 self.resumes += 1
                 for event in self._history:
                     if event["s"] > (data.get("seq") or 0):
                         await ws.send_str(json.dumps(event))
                 await self._send_event("RESUMED", {})
                 self._connected.set()
-        if self._ws is ws:
+        if owner and self._ws is ws:
             self._ws = None
             self._connected.clear()
         return ws
@@ -487,6 +499,10 @@ class DiscordDouble:
         match = lambda pattern: re.fullmatch(pattern, path)  # noqa: E731
         if method == "GET" and path == "/users/@me":
             return self._json(self.bot_user)
+        if method == "GET" and path == "/gateway/bot":  # how many shards Discord wants this bot to run
+            return self._json({"url": self.gateway_url, "shards": self.shard_count,
+                               "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 0,
+                                                       "max_concurrency": 1}})
         if method == "GET" and path == "/oauth2/applications/@me":
             return self._json({"id": self.app_id, "name": "Dreamloom", "icon": None, "description": "", "summary": "",
                                "bot_public": True, "bot_require_code_grant": False, "verify_key": "0" * 64,

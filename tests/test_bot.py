@@ -456,3 +456,18 @@ def test_admins_compare_seeds_and_settings_on_one_labelled_grid(engine, tmp_path
             assert "worker(s)** alive · 0 queued · 0 running" in status.callbacks[0]["data"]["content"]
 
     run(scenario())
+
+
+def test_the_bot_runs_as_many_shards_as_discord_recommends(engine, tmp_path):
+    # Past 2 500 servers Discord requires shards; GET /gateway/bot says how many. Here the double asks for two: the
+    # bot identifies both, and the shard that holds the server takes /imagine as before.
+    async def scenario():
+        async with BotWorld(engine, tmp_path, recommended_shards=2) as world:
+            double = world.double
+            await double.wait_for(lambda: len(double.identified_shards) == 2, 60, "both shards")
+            assert sorted(double.identified_shards) == [[0, 2], [1, 2]]
+            assert world.bot.shard_count == 2
+            _, message, job = await world.imagine(world.alice, f"a red circle on a blue background --seed 7 {QUICK}")
+            assert job.status == "done" and message["components"]
+
+    run(scenario())

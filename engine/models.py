@@ -1,7 +1,6 @@
 """Loading pipelines from diffusers folders and single-file checkpoints, offline."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from transformers.utils import logging as transformers_logging
 
 from dreamloom.errors import ModelLoadError, UnknownModel
 from engine.configs import config_folder
+from engine.detect import PICKLED_SUFFIXES, detect_family  # noqa: F401 - detect_family is also used from here
 from engine.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -31,88 +31,16 @@ PIPELINE_CLASSES = {
     "sdxl": StableDiffusionXLPipeline,
     "flux": FluxPipeline,
 }
-_FOLDER_CLASSES = {
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusionXLPipeline": "sdxl",
-    "FluxPipeline": "flux",
-}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")  # unpickling can run code: never loaded
 
 
 def _weight_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
-
-
-def detect_family(path: Path) -> str:
-    """The family of a checkpoint: from model_index.json for a folder, from tensor names for a file."""
-    path = Path(path)
-    if not path.exists():
-        raise UnknownModel(f"No checkpoint at {str(path)!r}: the file or folder does not exist.")
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ModelLoadError(f"{path} is a folder but not a diffusers model (no model_index.json).")
-        try:
-            class_name = json.loads(index.read_text())["_class_name"]
-        except (ValueError, KeyError):
-            raise ModelLoadError(f"{index} is not a valid diffusers model_index.json.") from None
-        if (path / "dreamloom.json").is_file():
-            return json.loads((path / "dreamloom.json").read_text()).get("family", "starter")
-        if class_name not in _FOLDER_CLASSES:
-            raise ModelLoadError(f"{path} holds a {class_name}; supported: {', '.join(_FOLDER_CLASSES)}.")
-        return _FOLDER_CLASSES[class_name]
-    if path.suffix.lower() == ".gguf":
-        raise ModelLoadError(f"{path.name}: GGUF (quantised) checkpoints are not supported yet; use the model's "
-                             ".safetensors file or its diffusers folder.")
-    if path.suffix.lower() in PICKLED_SUFFIXES:
-        raise ModelLoadError(
-            f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt/.pt files can run code); convert it first."
-        )
-    if path.suffix != ".safetensors":
-        raise ModelLoadError(f"{path.name}: not a checkpoint Dreamloom loads; use a .safetensors file or a diffusers "
-                             "folder.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception:  # safetensors raises several types for a broken header
-        raise ModelLoadError(f"{path.name} is not a readable .safetensors file.") from None
-    in_channels = _unet_in_channels(path, keys)
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        if in_channels == 9:
-            raise ModelLoadError(f"{path.name} is an SDXL inpainting checkpoint; Dreamloom generates from text and "
-                                 "images with text-to-image checkpoints and does not inpaint yet.")
-        return "sdxl"
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):  # OpenCLIP-G alone: the refiner
-        raise ModelLoadError(f"{path.name} is an SDXL refiner, a second stage rather than a model of its own: name it "
-                             "as `refiner` in an SDXL model's models.toml entry.")
-    if any(k.startswith(FLUX_PREFIXES) for k in keys):
-        return "flux"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise ModelLoadError(f"{path.name} is a Stable Diffusion 2 checkpoint; supported: SD1.5, SDXL, FLUX.")
-    if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
-        if in_channels == 9:
-            raise ModelLoadError(f"{path.name} is an SD1.5 inpainting checkpoint; Dreamloom generates from text and "
-                                 "images with text-to-image checkpoints and does not inpaint yet.")
-        return "sd15"
-    raise ModelLoadError(f"{path.name} is not a Stable Diffusion 1.5, SDXL or FLUX checkpoint.")
-
-
-FLUX_PREFIXES = ("double_blocks.", "model.diffusion_model.double_blocks.")
-
-
-def _unet_in_channels(path: Path, keys: list[str]) -> int | None:
-    """The input channels of an LDM UNet's first convolution: 4 for text-to-image, 9 for inpainting models."""
-    key = "model.diffusion_model.input_blocks.0.0.weight"
-    if key not in keys:
-        return None
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.get_slice(key).get_shape()[1]
 
 
 def estimate_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamloom.errors import ConfigError, UnknownModel
+from engine.detect import detect_family
 from engine.families import FAMILIES
 
 _DEFAULT_FIELDS = {"steps", "sampler", "cfg", "size"}
@@ -140,8 +141,6 @@ class Registry:
         except (OSError, RuntimeError, ValueError):  # a name too long, `~nosuchuser`, a NUL byte
             exists = False
         if exists:
-            from engine.models import detect_family  # local import: models imports torch-free helpers only
-
             return ModelSpec(name=path.stem if path.is_file() else path.name, path=path, family=detect_family(path))
         if looks_like_path:
             raise UnknownModel(f"No checkpoint at {name_or_path!r}: the file or folder does not exist.")

@@ -164,7 +164,7 @@ def test_nothing_is_dropped_silently(data_dir, tmp_path):
 
 
 def test_export_counts_in_words():
-    from studio.cli import _human
+    from cli.main import _human
 
     one = _human("export", {"images": 1, "pairs": 1, "format": "pairs", "folder": "out"})
     assert one == "exported 1 image, 1 pair (pairs) to out"
@@ -198,7 +198,7 @@ def test_crafted_png_metadata_gets_a_message_not_a_traceback(data_dir, tmp_path,
     Python twenty times."""
     from PIL import PngImagePlugin
 
-    from studio.cli import main
+    from cli.main import main
 
     monkeypatch.setenv("DREAMLOOM_DATA_DIR", str(data_dir))
     monkeypatch.setenv("DREAMLOOM_DEVICE", "cpu")

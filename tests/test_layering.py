@@ -7,14 +7,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["dreamloom", "engine", "storage", "studio", "bot", "gallery"]
+PACKAGES = ["dreamloom", "engine", "storage", "studio", "bot", "gallery", "cli"]
 FORBIDDEN = {
     "engine": {"studio", "storage", "bot", "gallery", "discord", "sqlalchemy"},
     "storage": {"engine", "studio", "bot", "gallery", "torch", "diffusers", "discord"},
-    "studio": {"torch", "diffusers", "transformers", "peft", "discord"},
+    "studio": {"torch", "diffusers", "transformers", "peft", "discord", "bot", "gallery", "cli"},
     "gallery": {"torch", "diffusers", "transformers", "peft", "discord", "engine", "storage"},
     "bot": {"torch", "diffusers", "transformers", "peft", "engine", "storage"},
-    "dreamloom": {"engine", "storage", "studio", "bot", "gallery", "torch", "diffusers", "discord"},
+    "dreamloom": {"engine", "storage", "studio", "bot", "gallery", "cli", "torch", "diffusers", "discord"},
+    # The command line wires the front doors to the studio (the composition root); it still never touches torch or
+    # discord itself: the engine and the bot do.
+    "cli": {"torch", "diffusers", "transformers", "peft", "discord"},
 }
 
 

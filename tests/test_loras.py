@@ -164,7 +164,7 @@ def test_the_trainer_reads_a_kohya_folder_and_writes_a_kohya_lora_plain_diffuser
     from safetensors import safe_open
 
     from engine.training.styles import write_style_dataset
-    from studio.cli import main
+    from cli.main import main
 
     imagefolder = write_style_dataset(tmp_path / "night", "night", 64)
     # sd-scripts' DreamBooth layout: `N_trigger class/` with .caption files (and one image captioned by its folder).
@@ -226,7 +226,7 @@ def test_the_studio_stores_the_route_and_the_worker_applies_it(tmp_path):
 def test_the_trainer_says_when_a_dataset_is_too_small(tmp_path, capsys):
     from PIL import Image as PILImage
 
-    from studio.cli import main
+    from cli.main import main
 
     dataset = tmp_path / "one"
     dataset.mkdir()

@@ -120,7 +120,7 @@ def test_route_explain_and_forgetting_from_the_command_line(tmp_path):
     env.update(DREAMLOOM_DATA_DIR=str(tmp_path / "data"), DREAMLOOM_REGISTRY=str(TEST_REGISTRY), HF_HUB_OFFLINE="1")
 
     def dreamloom(*args):
-        return subprocess.run([sys.executable, "-m", "studio.cli", *args], cwd=ROOT, env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
 
     explained = dreamloom("route", "a kawaii bunny at midnight", "--explain")

@@ -71,7 +71,7 @@ async def follow_job(bot, post, job_id: int) -> None:
     message when the interaction token has expired.
     """
     studio = bot.studio
-    events = studio.subscribe(job_id)
+    events = studio.events.subscribe(job_id)
     try:
         job = await studio.job(job_id)
         last_edit = 0.0
@@ -91,7 +91,7 @@ async def follow_job(bot, post, job_id: int) -> None:
                 await _best_effort(post, fields)
         await deliver_result(bot, post, job)
     finally:
-        studio.unsubscribe(job_id, events)
+        studio.events.unsubscribe(job_id, events)
 
 
 async def _best_effort(post, fields: dict[str, Any]) -> None:

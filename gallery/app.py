@@ -284,7 +284,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     async def send(data: dict) -> None:
         await response.write(f"data: {json.dumps(data)}\n\n".encode())
 
-    events = studio.subscribe(job_id)
+    events = studio.events.subscribe(job_id)
     try:
         await send({"kind": "status", "status": view.status, "position": view.position, "eta": view.eta_seconds})
         while view.status not in TERMINAL:
@@ -304,7 +304,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
-        studio.unsubscribe(job_id, events)
+        studio.events.unsubscribe(job_id, events)
     return response
 
 

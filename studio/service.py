@@ -10,7 +10,6 @@ import random
 import secrets
 import statistics
 import threading
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,12 +26,13 @@ from engine.images import make_grid, open_image
 from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry
 from engine.routing import prepare_routing
-from storage import events, queue, sessions, votes, workers
+from storage import queue, sessions, votes, workers
 from storage.database import Database, sqlite_url, uninterrupted
 from storage.export import ExportFilter, ExportReport, KohyaLayout, export_dataset
 from storage.files import ImageStore
 from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
 from storage.models import Guild, Image, Job, utcnow
+from studio.events import InProcessEvents, PostgresEvents, ProgressEvent
 from studio.guilds import GuildSettings
 from studio.learning import LearningMixin
 from studio.routing import RoutingMixin
@@ -99,18 +99,6 @@ class JobView:
         return data
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
-    """Published while a job runs: `kind` is queued, started, step, done, failed or cancelled."""
-
-    job_id: int
-    kind: str
-    step: int = 0
-    total: int = 0
-    preview_png: bytes | None = None
-    message: str = ""
-
-
 class Studio(LearningMixin, RoutingMixin):
     """Jobs, queue, votes and lineage over one database and one image store; learned styles (studio/learning.py)."""
 
@@ -119,7 +107,6 @@ class Studio(LearningMixin, RoutingMixin):
         self.db = db
         self.store = store
         self.registry = registry
-        self._subscribers: dict[int, set[asyncio.Queue]] = defaultdict(set)
         # Jobs a worker of this process runs, by id: the event stops the job at its next step.
         self.running_jobs: dict[int, threading.Event] = {}
         self._rng = random.SystemRandom()
@@ -128,11 +115,8 @@ class Studio(LearningMixin, RoutingMixin):
         self._active_styles = {}
         self._route_memory = {}
         self.file_hashes = FileHashes(settings.cache_dir / "file-hashes.json")
-        # Progress events to and from other processes (PostgreSQL LISTEN/NOTIFY; storage/events.py).
-        self._origin = secrets.token_hex(8)
-        self._relay: asyncio.Queue | None = None
-        self._relay_task: asyncio.Task | None = None
-        self._listener: events.Listener | None = None
+        # Progress events: in this process on SQLite; to and from every process on PostgreSQL (LISTEN/NOTIFY).
+        self.events = InProcessEvents() if db.is_sqlite else PostgresEvents(db)
         self.metrics = ProcessMetrics()
 
     @classmethod
@@ -185,17 +169,7 @@ class Studio(LearningMixin, RoutingMixin):
 
     async def close(self) -> None:
         """Release the database connections (after the progress events still waiting to be relayed)."""
-        if self._relay is not None:
-            try:
-                await asyncio.wait_for(self._relay.join(), 5)
-            except TimeoutError:
-                pass
-            self._relay_task.cancel()
-            await asyncio.gather(self._relay_task, return_exceptions=True)
-            self._relay = None
-        if self._listener is not None:
-            await self._listener.stop()
-            self._listener = None
+        await self.events.close()
         await self.db.close()
 
     # -- what is installed ----------------------------------------------------------------------------
@@ -254,11 +228,11 @@ class Studio(LearningMixin, RoutingMixin):
                 await queue.complete_from_cache(session, job, *cached)
             view = await self._view(session, job)
         if cached is not None:
-            self.publish(ProgressEvent(view.id, "done"))
+            self.events.publish(ProgressEvent(view.id, "done"))
             log.info("job %s done from the result cache (job %s's pictures): %s by %s", view.id, cached[0].id,
                      new.kind, new.user_id)
             return view
-        self.publish(ProgressEvent(view.id, "queued"))
+        self.events.publish(ProgressEvent(view.id, "queued"))
         log.info("job %s queued: %s by %s on %s (position %s)", view.id, new.kind, new.user_id, new.model, view.position)
         return view
 
@@ -454,7 +428,7 @@ class Studio(LearningMixin, RoutingMixin):
             job = await queue.cancel(session, job_id, user_id)
             view = await self._view(session, job)
         if view.status == "cancelled":
-            self.publish(ProgressEvent(job_id, "cancelled", message="Cancelled."))
+            self.events.publish(ProgressEvent(job_id, "cancelled", message="Cancelled."))
         elif view.status == "running" and job_id in self.running_jobs:
             self.running_jobs[job_id].set()  # running here: stop now (other processes poll the flag)
         log.info("job %s: cancel asked by %s (%s)", job_id, user_id or "an admin", view.status)
@@ -836,81 +810,6 @@ class Studio(LearningMixin, RoutingMixin):
         """End a web session (its cookie stops working at once)."""
         async with self.db.session() as session:
             await sessions.end_session(session, token)
-
-    # -- progress events (in this process) --------------------------------------------------------
-
-    def subscribe(self, job_id: int) -> asyncio.Queue:
-        """A queue of `ProgressEvent`s for one job; `unsubscribe` when done."""
-        events: asyncio.Queue = asyncio.Queue(maxsize=256)
-        self._subscribers[job_id].add(events)
-        return events
-
-    def unsubscribe(self, job_id: int, events: asyncio.Queue) -> None:
-        """Stop receiving events for a job."""
-        self._subscribers[job_id].discard(events)
-        if not self._subscribers[job_id]:
-            self._subscribers.pop(job_id, None)
-
-    def publish(self, event: ProgressEvent) -> None:
-        """Deliver an event to the job's subscribers here and, on PostgreSQL, to every other process's (in order,
-        through one relay task); a slow subscriber loses old step events, never the end."""
-        self._dispatch(event)
-        if self.db.is_sqlite:
-            return
-        if self._relay is None:
-            self._relay = asyncio.Queue(maxsize=10_000)
-            self._relay_task = asyncio.get_running_loop().create_task(self._relay_events(self._relay))
-        try:
-            self._relay.put_nowait(event)
-        except asyncio.QueueFull:
-            log.warning("progress relay is full; event of job %s not sent to other processes", event.job_id)
-
-    async def _relay_events(self, relay: asyncio.Queue) -> None:
-        while True:
-            event = await relay.get()
-            payload = {"origin": self._origin, "job": event.job_id, "kind": event.kind, "step": event.step,
-                       "total": event.total, "message": event.message}
-            try:
-                await events.notify(self.db, payload, event.preview_png)
-            except Exception:
-                log.warning("progress event of job %s not sent to other processes", event.job_id, exc_info=True)
-            finally:
-                relay.task_done()
-
-    async def listen_for_events(self, timeout: float = 10.0) -> bool:
-        """Hear progress events from other processes (PostgreSQL only; a front door calls this). True once
-        listening; False on SQLite, where events stay in their process."""
-        if self.db.is_sqlite:
-            return False
-        if self._listener is None:
-            self._listener = events.Listener(self.db, self._heard)
-            self._listener.start()
-        try:
-            await asyncio.wait_for(self._listener.ready.wait(), timeout)
-        except TimeoutError:
-            log.warning("not listening for progress events yet; the listener keeps trying")
-            return False
-        return True
-
-    async def _heard(self, payload: dict) -> None:
-        if payload.get("origin") == self._origin:
-            return  # this process delivered it already
-        job_id = int(payload["job"])
-        if job_id not in self._subscribers:
-            return
-        preview = await events.preview(self.db, job_id) if payload.get("preview") else None
-        self._dispatch(ProgressEvent(job_id, payload["kind"], int(payload.get("step") or 0),
-                                     int(payload.get("total") or 0), preview, payload.get("message") or ""))
-
-    def _dispatch(self, event: ProgressEvent) -> None:
-        for queue_ in list(self._subscribers.get(event.job_id, ())):
-            if queue_.full():
-                try:
-                    queue_.get_nowait()
-                except asyncio.QueueEmpty:
-                    pass
-            queue_.put_nowait(event)
-
 
 def _encode_to_fit(paths: list[Path], job_id: int, max_bytes: int) -> tuple[str, bytes]:
     images = [open_image(path, max_pixels=8192 * 8192, max_bytes=2**30) for path in paths]

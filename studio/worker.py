@@ -24,7 +24,8 @@ from engine.params import LoraChoice, parse_prompt
 from storage import queue, workers
 from storage.database import uninterrupted
 from storage.models import Image, Job
-from studio.service import ProgressEvent, Studio
+from studio.events import ProgressEvent
+from studio.service import Studio
 
 log = logging.getLogger(__name__)
 PREVIEW_INTERVAL_S = 0.5
@@ -93,7 +94,7 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat(job.id, cancel, finished))
         watcher = asyncio.create_task(self._watch_cancel(job.id, cancel, finished))
         self.studio.running_jobs[job.id] = cancel  # a cancel in this process stops the job at once
-        self.studio.publish(ProgressEvent(job.id, "started"))
+        self.studio.events.publish(ProgressEvent(job.id, "started"))
         waited = (job.started_at - job.created_at).total_seconds() if job.started_at and job.created_at else 0.0
         log.info("job %s started: %s by %s on %s (waited %.1f s, attempt %s)", job.id, job.kind, job.user_id, job.model,
                  waited, job.attempts)
@@ -108,7 +109,7 @@ class Worker:
             completed = await self._complete(job.id, images, result.settings.to_dict())
             if completed:
                 self.studio.metrics.observe_job(job.kind, waited, time.monotonic() - started)
-                self.studio.publish(ProgressEvent(job.id, "done"))
+                self.studio.events.publish(ProgressEvent(job.id, "done"))
                 timings = ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in result.timings.items())
                 log.info("job %s done: %d image(s) %dx%d in %.2f s (%s)", job.id, len(result.images),
                          result.settings.width, result.settings.height, time.monotonic() - started, timings)
@@ -174,7 +175,7 @@ class Worker:
         async with self.studio.db.session() as session:
             status = await queue.fail(session, job_id, self.worker_id, shown, retry=retry, cancelled=cancelled)
         if status in ("failed", "cancelled"):
-            self.studio.publish(ProgressEvent(job_id, status, message=shown))
+            self.studio.events.publish(ProgressEvent(job_id, status, message=shown))
         log.info("job %s %s: %s", job_id, {"queued": "queued again", None: "ended elsewhere"}.get(status, status), message)
 
     async def _watch_cancel(self, job_id: int, cancel: threading.Event, finished: asyncio.Event) -> None:
@@ -219,7 +220,7 @@ class Worker:
         def on_step(progress) -> None:
             if self.interrupt.is_set():
                 cancel.set()
-            loop.call_soon_threadsafe(self.studio.publish, ProgressEvent(
+            loop.call_soon_threadsafe(self.studio.events.publish, ProgressEvent(
                 job.id, "step", progress.step, progress.steps, message=f"loss {progress.loss:.4f}"))
 
         def progress() -> dict:
@@ -249,7 +250,7 @@ class Worker:
         settings = {"model": plan.spec.name, "style": view.to_dict(), "summary": view.summary(), "progress": done,
                     "before_after": (plan.folder / "before-after.png").relative_to(self.studio.settings.data_dir).as_posix()}
         if await self._complete(job.id, [], settings):
-            self.studio.publish(ProgressEvent(job.id, "done"))
+            self.studio.events.publish(ProgressEvent(job.id, "done"))
             log.info("job %s done: %s", job.id, view.summary())
         checkpoint.unlink(missing_ok=True)
 
@@ -279,7 +280,7 @@ class Worker:
                     buffer = io.BytesIO()
                     image.save(buffer, format="PNG")
                     preview_png = buffer.getvalue()
-            loop.call_soon_threadsafe(self.studio.publish,
+            loop.call_soon_threadsafe(self.studio.events.publish,
                                       ProgressEvent(job.id, "step", progress.step, progress.total, preview_png))
 
         prompt = parse_prompt(job.raw_prompt, allow_empty=job.kind in ("upscale", "vary"))
@@ -398,7 +399,7 @@ async def serve(settings, *, announce=print, front_doors=(), work: bool = True, 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         if front_doors:  # on PostgreSQL, progress from workers in other processes reaches these front doors at once
-            await studio.listen_for_events()
+            await studio.events.listen()
         cleanups = [await start(studio, settings, announce) for start in front_doors]
         schedule = asyncio.create_task(learn_on_schedule(studio, stop)) if settings.learn_interval and recover else None
         role = f"worker {worker_id}" if work else "front doors only, no worker"

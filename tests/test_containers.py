@@ -168,9 +168,9 @@ def test_progress_from_a_worker_of_another_studio_reaches_a_front_doors_subscrib
         front = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, database_url=url))
         back = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, database_url=url))
         try:
-            assert await front.listen_for_events()
+            assert await front.events.listen()
             job = await front.submit_imagine("alice", "a red circle --steps 6 --seed 4")
-            heard = front.subscribe(job.id)
+            heard = front.events.subscribe(job.id)
             assert await Worker(back, engine, "other:1:1").run_one()
             kinds, previews = [], 0
             while True:

@@ -128,7 +128,7 @@ def test_learning_is_a_queued_job_that_lets_generations_through_pauses_resumes_a
 
     from safetensors.torch import load_file
 
-    from studio.service import ProgressEvent  # noqa: F401  (the events the test listens to)
+    from studio.events import ProgressEvent  # noqa: F401  (the events the test listens to)
 
     settings = Settings(data_dir=tmp_path / "data", registry=TEST_REGISTRY, max_queued_per_user=100,
                         learn_steps=24, learn_slice_seconds=0.01)  # one step per slice
@@ -150,7 +150,7 @@ def test_learning_is_a_queued_job_that_lets_generations_through_pauses_resumes_a
         assert learning.kind == "learn" and learning.status == "queued"
         with pytest.raises(Exception, match="already being learned"):
             await studio.submit_learn("discord:5", voter="discord:5")
-        events = studio.subscribe(learning.id)
+        events = studio.events.subscribe(learning.id)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop, idle_seconds=0.05))
         first = await asyncio.wait_for(events.get(), 120)

@@ -28,7 +28,7 @@ def test_worker_runs_imagine_vary_upscale_reroll_with_progress(engine, tmp_path)
         studio = await Studio.open(Settings(data_dir=tmp_path, registry=TEST_REGISTRY, lease_seconds=6))
         worker = Worker(studio, engine, "test:1:1")
         job = await studio.submit_imagine("alice", "a red circle on a blue background --seed 7 --steps 8")
-        events = studio.subscribe(job.id)
+        events = studio.events.subscribe(job.id)
         assert await worker.run_one()
         kinds = []
         while not events.empty():
@@ -64,7 +64,7 @@ async def _a_running_job(studio, engine, prompt: str):
     """Queue `prompt` for alice and run it on a worker until its first step: (job, its events, the worker's task)."""
     worker = Worker(studio, engine, "test:1:1")
     job = await studio.submit_imagine("alice", prompt)
-    events = studio.subscribe(job.id)
+    events = studio.events.subscribe(job.id)
     running = asyncio.create_task(worker.run_one())
     while (await events.get()).kind != "step":
         pass

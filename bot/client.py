@@ -244,7 +244,7 @@ class DreamloomBot(discord.AutoShardedClient):
 
     async def _maybe_starboard(self, image_id: int, guild_id: str) -> None:
         """Repost an image to the server's gallery channel the first time it reaches the 👍 threshold."""
-        rules = await self.studio.claim_starboard(image_id, guild_id)
+        rules = await self.studio.guilds.claim_starboard(image_id, guild_id)
         if rules is None:
             return
         try:
@@ -256,9 +256,9 @@ class DreamloomBot(discord.AutoShardedClient):
                             f"{detail['up']} \U0001f44d\n{self.settings.gallery_url}/image/{image_id}"),
                 file=discord.File(io.BytesIO(data), filename=name))
         except Exception:
-            await self.studio.starboard_posted(image_id, None)  # let a later vote try again
+            await self.studio.guilds.starboard_posted(image_id, None)  # let a later vote try again
             raise
-        await self.studio.starboard_posted(image_id, str(message.id))
+        await self.studio.guilds.starboard_posted(image_id, str(message.id))
 
     async def _tell(self, channel, user_id: int, text: str) -> None:
         """Reactions have no ephemeral replies: a short message that mentions the member and deletes itself."""

@@ -31,7 +31,7 @@ class AdminCommands(app_commands.Group):
         return True
 
     async def _update(self, interaction: discord.Interaction, **changes) -> None:
-        rules = await self.bot.studio.update_guild_settings(str(interaction.guild_id), interaction.guild.name, **changes)
+        rules = await self.bot.studio.guilds.update(str(interaction.guild_id), interaction.guild.name, **changes)
         shown = ", ".join(f"{key}: {value if value not in (None, ()) else 'unset'}" for key, value in rules.to_dict().items())
         await interaction.response.send_message(render.clip(f"Saved. {shown}"), ephemeral=True)
 

@@ -6,7 +6,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import update
+
 from dreamloom.errors import InvalidRequest, NotAllowed
+from storage.database import Database, uninterrupted
+from storage.models import Guild, Image
 
 NSFW_POLICIES = ("age-restricted", "never")
 MAX_BANNED_WORDS = 200
@@ -67,3 +71,50 @@ class GuildSettings:
         for word in self.banned_words:
             if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", lowered):
                 raise NotAllowed(f"The word \u201c{word}\u201d is not allowed on this server; remove it and try again.")
+
+
+class Guilds:
+    """Servers' settings (what their admins change from Discord) and their starboards, over the database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @uninterrupted
+    async def settings(self, guild_id: str) -> GuildSettings:
+        """A server's settings (defaults when it never changed any)."""
+        async with self.db.session() as session:
+            guild = await session.get(Guild, guild_id)
+            return GuildSettings.from_dict(guild.settings if guild else {})
+
+    @uninterrupted
+    async def update(self, guild_id: str, name: str = "", **changes: Any) -> GuildSettings:
+        """Change some of a server's settings (checked); returns all of them."""
+        async with self.db.session() as session:
+            guild = await session.get(Guild, guild_id)
+            if guild is None:
+                guild = Guild(id=guild_id, name=name[:200], settings={})
+                session.add(guild)
+            updated = GuildSettings.from_dict(guild.settings).changed(**changes)
+            guild.settings = {**guild.settings, **updated.to_dict()}
+            return updated
+
+    @uninterrupted
+    async def claim_starboard(self, image_id: int, guild_id: str) -> GuildSettings | None:
+        """Whether an image just reached its server's 👍 threshold and should be reposted (once, ever).
+
+        Returns the server's settings when this caller must post it, then `starboard_posted` records the message.
+        """
+        rules = await self.settings(guild_id)
+        if not rules.gallery_channel_id:
+            return None
+        async with self.db.session() as session:
+            claimed = await session.execute(update(Image).where(
+                Image.id == image_id, Image.starboard_message_id.is_(None), Image.up_votes >= rules.vote_threshold,
+            ).values(starboard_message_id="pending"))
+            return rules if claimed.rowcount == 1 else None
+
+    @uninterrupted
+    async def starboard_posted(self, image_id: int, message_id: str | None) -> None:
+        """Record the repost (or, with None after a failed post, allow a later vote to try again)."""
+        async with self.db.session() as session:
+            await session.execute(update(Image).where(Image.id == image_id).values(starboard_message_id=message_id))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import PngImagePlugin
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
 from engine.compare import CompareRequest, cells as compare_cells, parse_axes
@@ -31,9 +31,9 @@ from storage.database import Database, sqlite_url, uninterrupted
 from storage.export import ExportFilter, ExportReport, KohyaLayout, export_dataset
 from storage.files import ImageStore
 from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
-from storage.models import Guild, Image, Job, utcnow
+from storage.models import Image, Job, utcnow
 from studio.events import InProcessEvents, PostgresEvents, ProgressEvent
-from studio.guilds import GuildSettings
+from studio.guilds import Guilds, GuildSettings
 from studio.learning import LearningMixin
 from studio.routing import RoutingMixin
 from studio.metrics import ProcessMetrics
@@ -117,6 +117,7 @@ class Studio(LearningMixin, RoutingMixin):
         self.file_hashes = FileHashes(settings.cache_dir / "file-hashes.json")
         # Progress events: in this process on SQLite; to and from every process on PostgreSQL (LISTEN/NOTIFY).
         self.events = InProcessEvents() if db.is_sqlite else PostgresEvents(db)
+        self.guilds = Guilds(db)
         self.metrics = ProcessMetrics()
 
     @classmethod
@@ -272,7 +273,7 @@ class Studio(LearningMixin, RoutingMixin):
         uploaded image (checked and stored now). On a server, banned words are refused and a model tagged `nsfw`
         needs `age_restricted_channel` (and a server policy that allows it).
         """
-        rules = await self.guild_settings(guild_id) if guild_id else None
+        rules = await self.guilds.settings(guild_id) if guild_id else None
         if rules:
             rules.check_prompt(text)
         async with self.db.session() as session:
@@ -313,7 +314,7 @@ class Studio(LearningMixin, RoutingMixin):
                              channel_id: str | None = None, age_restricted_channel: bool | None = None) -> JobView:
         """Queue an X/Y comparison grid (an admin's `/admin compare`): axes and every model and LoRA in them are
         checked now; the grid is one image, kept out of the gallery, exports and learning."""
-        rules = await self.guild_settings(guild_id) if guild_id else None
+        rules = await self.guilds.settings(guild_id) if guild_id else None
         if rules:
             rules.check_prompt(text)
         prompt = parse_prompt(text)
@@ -395,7 +396,7 @@ class Studio(LearningMixin, RoutingMixin):
             if image is None:
                 raise NotFound(f"There is no image {image_id}.")
             source = await session.get(Job, image.job_id)
-        rules = await self.guild_settings(source.guild_id) if source.guild_id else None
+        rules = await self.guilds.settings(source.guild_id) if source.guild_id else None
         spec = self.registry.models.get(source.model or "")
         if rules and spec:
             rules.check_model(spec.name, spec.tags, age_restricted_channel)
@@ -453,25 +454,6 @@ class Studio(LearningMixin, RoutingMixin):
     # -- servers, members and the registry (admin) --------------------------------------------------
 
     @uninterrupted
-    async def guild_settings(self, guild_id: str) -> GuildSettings:
-        """A server's settings (defaults when it never changed any)."""
-        async with self.db.session() as session:
-            guild = await session.get(Guild, guild_id)
-            return GuildSettings.from_dict(guild.settings if guild else {})
-
-    @uninterrupted
-    async def update_guild_settings(self, guild_id: str, name: str = "", **changes: Any) -> GuildSettings:
-        """Change some of a server's settings (checked); returns all of them."""
-        async with self.db.session() as session:
-            guild = await session.get(Guild, guild_id)
-            if guild is None:
-                guild = Guild(id=guild_id, name=name[:200], settings={})
-                session.add(guild)
-            updated = GuildSettings.from_dict(guild.settings).changed(**changes)
-            guild.settings = {**guild.settings, **updated.to_dict()}
-            return updated
-
-    @uninterrupted
     async def set_banned(self, user_id: str, banned: bool, *, purge_votes: bool = False) -> int:
         """Ban or unban a member: a banned member cannot queue jobs or vote, is signed out of the web, and the
         gallery hides their images. `purge_votes` also removes their votes (counts recomputed); returns how many."""
@@ -491,27 +473,6 @@ class Studio(LearningMixin, RoutingMixin):
         self.registry = load_registry(self.settings.registry)
         self._registry_mtime = Path(self.settings.registry).stat().st_mtime_ns
         return self.registry
-
-    @uninterrupted
-    async def claim_starboard(self, image_id: int, guild_id: str) -> GuildSettings | None:
-        """Whether an image just reached its server's 👍 threshold and should be reposted (once, ever).
-
-        Returns the server's settings when this caller must post it, then `starboard_posted` records the message.
-        """
-        rules = await self.guild_settings(guild_id)
-        if not rules.gallery_channel_id:
-            return None
-        async with self.db.session() as session:
-            claimed = await session.execute(update(Image).where(
-                Image.id == image_id, Image.starboard_message_id.is_(None), Image.up_votes >= rules.vote_threshold,
-            ).values(starboard_message_id="pending"))
-            return rules if claimed.rowcount == 1 else None
-
-    @uninterrupted
-    async def starboard_posted(self, image_id: int, message_id: str | None) -> None:
-        """Record the repost (or, with None after a failed post, allow a later vote to try again)."""
-        async with self.db.session() as session:
-            await session.execute(update(Image).where(Image.id == image_id).values(starboard_message_id=message_id))
 
     # -- votes and favourites ---------------------------------------------------------------------
 

@@ -73,7 +73,7 @@ async def main(args) -> dict:
     for job in await studio.jobs(limit=20):
         for image in job.images:
             for voter in ("discord:1", "discord:2"):
-                await studio.vote(image.id, voter, 1 if image.index <= 2 else -1)
+                await studio.community.vote(image.id, voter, 1 if image.index <= 2 else -1)
     started = time.perf_counter()
     baseline = await grids_under(studio, worker, args.grids, args.gap, False, args.steps)
     learning = await grids_under(studio, worker, args.grids, args.gap, True, args.steps)

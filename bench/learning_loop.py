@@ -55,8 +55,8 @@ async def community(scratch: Path, steps: int, objective: str) -> tuple[dict, di
     for image in (image for job in jobs for image in job.images):
         picture = Image.open(image.path)
         for voter in ("discord:1", "discord:2", "discord:3"):
-            await studio.vote(image.id, voter, 1 if house_likes(picture) else -1)
-        await studio.vote(image.id, MEMBER, 1 if member_likes(picture) else -1)
+            await studio.community.vote(image.id, voter, 1 if house_likes(picture) else -1)
+        await studio.community.vote(image.id, MEMBER, 1 if member_likes(picture) else -1)
     engine.close()
     started = time.perf_counter()
     house = await studio.learn(steps=steps, objective=objective, log_line=lambda line: None)

@@ -88,7 +88,7 @@ async def main() -> dict:
             for index, (text, _, _) in enumerate(CHOICES):
                 job = await studio.submit_imagine(f"discord:{100 + index % 6}", text, guild_id=GUILD)
                 images = await finish(studio, job.id)
-                await studio.vote(images[0], f"discord:{200 + index % 4}", 1, source="reaction")
+                await studio.community.vote(images[0], f"discord:{200 + index % 4}", 1, source="reaction")
             learning_s = time.perf_counter() - started
             examples = await studio.route_examples(GUILD)
             after_new, misses = accuracy(studio, NEW, GUILD)

@@ -77,7 +77,7 @@ async def main() -> None:
                            ("image API", f"/api/images/{image_id}")):
             report[name] = {"anonymous (baseline)": await timed(args.samples, lambda: get(path)),
                             "signed in": await timed(args.samples, lambda: get(path, signed))}
-        report["vote"] = {"studio.vote directly (baseline)": await timed(args.samples, lambda: studio.vote(
+        report["vote"] = {"studio.vote directly (baseline)": await timed(args.samples, lambda: studio.community.vote(
                               image_id, "discord:3", 1, source="web")),
                           "through the web (session, CSRF, limiter)": await timed(args.samples, web_vote)}
         await client.close()

@@ -212,15 +212,15 @@ class DreamloomBot(discord.AutoShardedClient):
         if emoji in (UP, DOWN):
             for image in job.images:  # a vote on a grid counts for each of its images
                 if added:
-                    await self.studio.vote(image.id, user_id, 1 if emoji == UP else -1, source="reaction")
+                    await self.studio.community.vote(image.id, user_id, 1 if emoji == UP else -1, source="reaction")
                     if emoji == UP and guild_id:
                         await self._maybe_starboard(image.id, str(guild_id))
                 else:
-                    await self.studio.unvote(image.id, user_id)
+                    await self.studio.community.unvote(image.id, user_id)
             return
         if emoji == STAR:
             for image in job.images:
-                await self.studio.favourite(image.id, user_id, added)
+                await self.studio.community.favourite(image.id, user_id, added)
             return
         if not added:
             return  # removing an action reaction does not undo the job

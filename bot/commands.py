@@ -189,11 +189,11 @@ def register_commands(bot) -> None:
                        chaos: app_commands.Range[int, 0, 100] | None = None,
                        model: app_commands.Range[str, 1, 200] | None = None,
                        n: app_commands.Range[int, 1, 4] | None = None, reset: bool = False) -> None:
-        defaults = {} if reset else await studio.user_defaults(user_key(interaction.user))
+        defaults = {} if reset else await studio.community.user_defaults(user_key(interaction.user))
         given = {"ar": ar, "stylize": stylize, "chaos": chaos, "model": model, "n": n}
         defaults.update({k: v for k, v in given.items() if v is not None})
         if reset or any(v is not None for v in given.values()):
-            defaults = await studio.set_user_defaults(user_key(interaction.user), defaults)
+            defaults = await studio.community.set_user_defaults(user_key(interaction.user), defaults)
         shown = " ".join(f"--{k} {v}" for k, v in defaults.items()) or "none (each prompt says what it wants)"
         await interaction.response.send_message(f"Your defaults: {shown}", ephemeral=True)
 

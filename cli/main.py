@@ -458,9 +458,9 @@ def cmd_vote(args, settings) -> dict[str, Any]:
 
     async def work(studio):
         if args.value in ("0", "none"):
-            up, down = await studio.unvote(args.image, args.user)
+            up, down = await studio.community.unvote(args.image, args.user)
         else:
-            up, down = await studio.vote(args.image, args.user, values[args.value], source="cli")
+            up, down = await studio.community.vote(args.image, args.user, values[args.value], source="cli")
         return {"image": args.image, "user": args.user, "up": up, "down": down}
 
     return asyncio.run(_with_studio(settings, work))

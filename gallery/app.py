@@ -179,7 +179,7 @@ async def image_page(request: web.Request) -> web.Response:
     studio = request.app[STUDIO]
     detail = await studio.image_detail(int(request.match_info["id"]), _viewer_guilds(request))
     who = member(request)
-    my_vote = await studio.vote_of(detail["id"], who.user_id) if who else 0
+    my_vote = await studio.community.vote_of(detail["id"], who.user_id) if who else 0
     return aiohttp_jinja2.render_template("image.html", request, {"image": detail, "my_vote": my_vote,
                                                                   "settings_json": json.dumps(detail["settings"],
                                                                                               indent=2, default=str)})
@@ -372,9 +372,9 @@ async def api_vote(request: web.Request) -> web.Response:
     await request.app[LIMITS].hit(request, "vote", "votes")
     who = member(request)
     if value == 0:
-        up, down = await studio.unvote(image_id, who.user_id)
+        up, down = await studio.community.unvote(image_id, who.user_id)
     else:
-        up, down = await studio.vote(image_id, who.user_id, value, source="web", verified=who.verified)
+        up, down = await studio.community.vote(image_id, who.user_id, value, source="web", verified=who.verified)
     return web.json_response({"up": up, "down": down})
 
 

@@ -33,6 +33,7 @@ from storage.files import ImageStore
 from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
 from storage.models import Image, Job, utcnow
 from studio.events import InProcessEvents, PostgresEvents, ProgressEvent
+from studio.community import Community
 from studio.guilds import Guilds, GuildSettings
 from studio.learning import LearningMixin
 from studio.routing import RoutingMixin
@@ -118,6 +119,7 @@ class Studio(LearningMixin, RoutingMixin):
         # Progress events: in this process on SQLite; to and from every process on PostgreSQL (LISTEN/NOTIFY).
         self.events = InProcessEvents() if db.is_sqlite else PostgresEvents(db)
         self.guilds = Guilds(db)
+        self.community = Community(db, settings, on_verified_up_vote=self.learn_route_example)
         self.metrics = ProcessMetrics()
 
     @classmethod
@@ -473,75 +475,6 @@ class Studio(LearningMixin, RoutingMixin):
         self.registry = load_registry(self.settings.registry)
         self._registry_mtime = Path(self.settings.registry).stat().st_mtime_ns
         return self.registry
-
-    # -- votes and favourites ---------------------------------------------------------------------
-
-    @uninterrupted
-    async def vote(self, image_id: int, user_id: str, value: int, source: str = "cli", *,
-                   verified: bool = True) -> tuple[int, int]:
-        """Record a vote (+1/-1) and return the image's verified (up, down).
-
-        `verified` says the voter is a Discord member or the owner; an anonymous web visitor's vote is kept apart
-        and not counted. Banned members cannot vote; one member votes at most `max_votes_per_minute` times a minute.
-        """
-        async with self.db.session() as session:
-            user = await queue.ensure_user(session, user_id)
-            if user.banned:
-                raise NotAllowed("You are banned from this studio; ask a server admin.")
-            await votes.set_vote(session, user_id, image_id, value, source, verified=verified,
-                                 max_per_minute=None if source == "cli" else self.settings.max_votes_per_minute)
-            tally = await votes.tally(session, image_id)
-        if value == 1 and verified:
-            try:
-                await self.learn_route_example(image_id)
-            except DreamloomError as error:  # the vote stands even when routing cannot learn from it
-                log.warning("routing did not learn from image %s: %s", image_id, error)
-        return tally
-
-    @uninterrupted
-    async def vote_of(self, image_id: int, user_id: str) -> int:
-        """A user's own vote on an image (1, -1, or 0), so a page can show it."""
-        async with self.db.session() as session:
-            return await votes.vote_of(session, user_id, image_id)
-
-    @uninterrupted
-    async def unvote(self, image_id: int, user_id: str) -> tuple[int, int]:
-        """Remove a user's vote and return the image's (up, down)."""
-        async with self.db.session() as session:
-            await votes.remove_vote(session, user_id, image_id)
-            return await votes.tally(session, image_id)
-
-    @uninterrupted
-    async def favourite(self, image_id: int, user_id: str, favourite: bool = True) -> list[int]:
-        """Add or remove a favourite; returns the user's collection."""
-        async with self.db.session() as session:
-            await votes.set_favourite(session, user_id, image_id, favourite)
-            return await votes.favourites(session, user_id)
-
-    @uninterrupted
-    async def favourites(self, user_id: str) -> list[int]:
-        """A user's private collection (image ids)."""
-        async with self.db.session() as session:
-            return await votes.favourites(session, user_id)
-
-    @uninterrupted
-    async def user_defaults(self, user_id: str) -> dict[str, Any]:
-        """A user's default parameters (/settings)."""
-        async with self.db.session() as session:
-            return dict((await queue.ensure_user(session, user_id)).defaults)
-
-    @uninterrupted
-    async def set_user_defaults(self, user_id: str, defaults: dict[str, Any]) -> dict[str, Any]:
-        """Per-user default parameters (/settings), e.g. {"ar": "16:9", "stylize": 250}; checked like a prompt."""
-        allowed = {"ar", "chaos", "stylize", "cfg", "steps", "q", "n", "sampler", "model", "niji", "tile", "no"}
-        unknown = set(defaults) - allowed
-        if unknown:
-            raise InvalidRequest(f"Unknown default(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}.")
-        parse_prompt(apply_defaults("x", defaults))
-        async with self.db.session() as session:
-            user = await queue.ensure_user(session, user_id)
-            user.defaults = dict(defaults)
-            return user.defaults
 
     # -- reading ----------------------------------------------------------------------------------
 

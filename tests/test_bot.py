@@ -133,7 +133,7 @@ def _votes(studio, job_id, expected):
 
 def _favourite(studio, user_id, image_id):
     async def check():
-        return image_id in await studio.favourites(user_id)
+        return image_id in await studio.community.favourites(user_id)
     return check
 
 
@@ -268,9 +268,9 @@ def test_member_commands(engine, tmp_path):
 
             settings = await reply(world.alice, "settings", {"ar": "3:2", "chaos": 10})
             assert settings["flags"] & 64 and "--ar 3:2" in settings["content"]
-            assert await studio.user_defaults("discord:3001") == {"ar": "3:2", "chaos": 10}
+            assert await studio.community.user_defaults("discord:3001") == {"ar": "3:2", "chaos": 10}
             assert "3:2" in (await reply(world.alice, "settings"))["content"]
-            assert "ar" not in await studio.user_defaults("discord:3002")
+            assert "ar" not in await studio.community.user_defaults("discord:3002")
             bad = await double.slash(world.alice, "settings", {"ar": "wide"})
             assert "--ar" in await world.error_reply(bad)
             assert "starter-shapes" in (await reply(world.alice, "models"))["content"]
@@ -300,7 +300,7 @@ def test_member_commands(engine, tmp_path):
             world.worker_task = asyncio.create_task(world.worker.run(world.stop_worker, idle_seconds=0.05))
             _, _, first = await world.imagine(world.alice, f"a red circle on a blue background --seed 3 {QUICK}")
             _, _, second = await world.imagine(world.bob, f"a blue circle on a red background {QUICK}")
-            await studio.vote(second.images[0].id, "discord:3001", 1)
+            await studio.community.vote(second.images[0].id, "discord:3001", 1)
             info = (await reply(world.bob, "info", {"job": first.id}))["content"]
             assert "Seed: 3" in info and "starter-shapes" in info and f"#{first.images[0].id}" in info
             gallery = await reply(world.alice, "gallery", {"period": "all"})
@@ -361,7 +361,7 @@ def test_learning_commands_say_what_they_need(engine, tmp_path):
                 grid = await world.studio.submit_imagine("discord:9", f"a {shape} --seed {index} --steps 6")
                 await double.wait_for(lambda: _done(world.studio, grid.id), 120, "a grid")
                 for image in (await world.studio.job(grid.id)).images:
-                    await world.studio.vote(image.id, "discord:3001", 1 if image.index <= 2 else -1)
+                    await world.studio.community.vote(image.id, "discord:3001", 1 if image.index <= 2 else -1)
             started = await double.slash(world.alice, "personalize", {"start": True})
 
             def learned():

@@ -224,7 +224,7 @@ def test_sign_in_with_discord_and_vote_from_the_image_page(site, browser):
     page.wait_for_function("() => document.querySelector('#up span').textContent === '1'")
 
     async def vote_of(studio):
-        return await studio.vote_of(image_id, f"discord:{site.alice.id}")
+        return await studio.community.vote_of(image_id, f"discord:{site.alice.id}")
 
     assert site.studio(vote_of) == 1  # the web vote is the Discord member's one vote
     page.click("#sign-out")
@@ -352,9 +352,9 @@ def test_json_api_and_ranking_by_votes(site):
 
     async def vote(studio):
         for i in range(3):
-            await studio.vote(a, f"fan{i}", 1)
+            await studio.community.vote(a, f"fan{i}", 1)
         for i in range(30):
-            await studio.vote(b, f"crowd{i}", 1 if i < 16 else -1)
+            await studio.community.vote(b, f"crowd{i}", 1 if i < 16 else -1)
 
     site.studio(vote)
     status, body, _ = _get(site.base + "/api/gallery?period=all&per_page=3")
@@ -700,7 +700,7 @@ def test_a_learning_job_shows_its_progress_result_and_the_learned_styles_page(si
     async def rate(studio):
         for job in jobs:
             for image in job["images"]:
-                await studio.vote(image["id"], "discord:4001", 1 if image["index"] <= 2 else -1)
+                await studio.community.vote(image["id"], "discord:4001", 1 if image["index"] <= 2 else -1)
         return await studio.submit_learn("cli:owner", steps=6)
 
     learning = site.studio(rate)

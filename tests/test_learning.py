@@ -46,8 +46,8 @@ def test_votes_become_a_house_style_and_a_personal_style(tmp_path):
         for image in images:
             value = 1 if bright(image.path) else -1
             for voter in ("discord:1", "discord:2", "discord:3"):
-                await studio.vote(image.id, voter, value)
-            await studio.vote(image.id, "web:anon", -value, verified=False)
+                await studio.community.vote(image.id, voter, value)
+            await studio.community.vote(image.id, "web:anon", -value, verified=False)
         with pytest.raises(InvalidRequest, match="Too few ratings to learn your style"):
             await studio.learn(voter="discord:99")
         with pytest.raises(InvalidPrompt, match=r"no personal style for starter-shapes yet: rate 8 more image\(s\)"):
@@ -144,7 +144,7 @@ def test_learning_is_a_queued_job_that_lets_generations_through_pauses_resumes_a
             pass
         for job in await studio.jobs(limit=10):
             for image in job.images:
-                await studio.vote(image.id, "discord:5", 1 if image.index <= 2 else -1)
+                await studio.community.vote(image.id, "discord:5", 1 if image.index <= 2 else -1)
         # 2. The member asks for their --p: a queued job, one at a time.
         learning = await studio.submit_learn("discord:5", voter="discord:5")
         assert learning.kind == "learn" and learning.status == "queued"
@@ -291,7 +291,7 @@ def test_a_schedule_queues_the_house_style_when_it_is_due_and_enough_new_votes_c
                                                    for i in range(1, 5)], now)
         for image_id in range(1, 17):
             for voter in ("discord:1", "discord:2"):
-                await studio.vote(image_id, voter, 1 if image_id % 2 else -1)
+                await studio.community.vote(image_id, voter, 1 if image_id % 2 else -1)
         assert await studio.due_house_styles() == ["starter-shapes"]  # never learned, 32 new votes
         # 2. A version learned after those votes: not due now, nor in eight days without new votes; one learned
         #    eight days ago, before the votes: due again.

@@ -25,7 +25,7 @@ NEW_PROMPT = "slice of life scene at a flower shop"
 async def _choose_and_like(studio, text: str, author: str, voter: str, guild: str = GUILD, verified: bool = True):
     job = await studio.submit_imagine(author, text, guild_id=guild)
     images = await finish(studio, job.id)
-    await studio.vote(images[0], voter, 1, source="reaction", verified=verified)
+    await studio.community.vote(images[0], voter, 1, source="reaction", verified=verified)
     return job
 
 
@@ -91,23 +91,23 @@ def test_a_servers_examples_are_bounded_and_only_members_own_prompts_teach(datab
             for index, text in enumerate(["a castle in the clouds", "a dragon over a lake", "a fox in the snow"]):
                 job = await studio.submit_imagine("discord:1", f"{text} --niji", guild_id=GUILD)
                 ids = await finish(studio, job.id)
-                await studio.vote(ids[0], "discord:2", 1, source="reaction")
-                await studio.vote(ids[1], "discord:3", 1, source="reaction")
+                await studio.community.vote(ids[0], "discord:2", 1, source="reaction")
+                await studio.community.vote(ids[1], "discord:3", 1, source="reaction")
             kept = await studio.route_examples(GUILD)
             assert sorted(e["text"] for e in kept) == ["a dragon over a lake", "a fox in the snow"]  # the oldest went
             # A model from the member's /settings defaults is not a choice made for this prompt.
-            await studio.set_user_defaults("discord:7", {"model": "starter-niji"})
+            await studio.community.set_user_defaults("discord:7", {"model": "starter-niji"})
             job = await studio.submit_imagine("discord:7", "a quiet harbour", guild_id=OTHER_GUILD)
             assert job.model == "starter-niji"
             ids = await finish(studio, job.id)
-            await studio.vote(ids[0], "discord:2", 1, source="reaction")
-            await studio.vote(ids[0], "discord:3", 1, source="reaction")
+            await studio.community.vote(ids[0], "discord:2", 1, source="reaction")
+            await studio.community.vote(ids[0], "discord:3", 1, source="reaction")
             assert await studio.route_examples(OTHER_GUILD) == []
             # Down-votes teach nothing.
             job = await studio.submit_imagine("discord:1", "a quiet harbour --niji", guild_id=OTHER_GUILD)
             ids = await finish(studio, job.id)
-            await studio.vote(ids[0], "discord:2", -1, source="reaction")
-            await studio.vote(ids[0], "discord:3", -1, source="reaction")
+            await studio.community.vote(ids[0], "discord:2", -1, source="reaction")
+            await studio.community.vote(ids[0], "discord:3", -1, source="reaction")
             assert await studio.route_examples(OTHER_GUILD) == []
         finally:
             await studio.close()

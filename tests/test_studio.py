@@ -253,12 +253,12 @@ def test_concurrent_votes_give_exact_counts(database_url, tmp_path):
         job = await studio.submit_imagine("alice", "a red circle")
         image_id = (await finish(studio, job.id))[0]
         voters = [f"user{i}" for i in range(60)]
-        await asyncio.gather(*(studio.vote(image_id, user, 1 if i % 3 else -1, "reaction") for i, user in enumerate(voters)))
+        await asyncio.gather(*(studio.community.vote(image_id, user, 1 if i % 3 else -1, "reaction") for i, user in enumerate(voters)))
         # Everyone votes again (no doubles), a third flip to up, ten remove their vote.
-        await asyncio.gather(*(studio.vote(image_id, user, 1 if i % 3 else -1, "button") for i, user in enumerate(voters)))
-        await asyncio.gather(*(studio.vote(image_id, user, 1, "web") for user in voters[:30:3]))
-        await asyncio.gather(*(studio.unvote(image_id, user) for user in voters[50:]))
-        up, down = await studio.vote(image_id, "late", 1, "cli")
+        await asyncio.gather(*(studio.community.vote(image_id, user, 1 if i % 3 else -1, "button") for i, user in enumerate(voters)))
+        await asyncio.gather(*(studio.community.vote(image_id, user, 1, "web") for user in voters[:30:3]))
+        await asyncio.gather(*(studio.community.unvote(image_id, user) for user in voters[50:]))
+        up, down = await studio.community.vote(image_id, "late", 1, "cli")
         async with studio.db.session() as session:
             image = await session.get(Image, image_id)
             assert (image.up_votes, image.down_votes) == (up, down)  # the denormalised counts agree
@@ -291,12 +291,12 @@ def test_limits_bans_and_bad_input(database_url, tmp_path):
         with pytest.raises(UnknownModel, match="Unknown model"):
             await studio.submit_imagine("bob", "a cat --model nope")
         with pytest.raises(NotFound, match="no image 999"):
-            await studio.vote(999, "bob", 1)
+            await studio.community.vote(999, "bob", 1)
         with pytest.raises(NotFound, match="no job 999"):
             await studio.job(999)
         image_id = (await studio.job(first.id)).images[0].id
         with pytest.raises(InvalidRequest, match="got 7"):
-            await studio.vote(image_id, "bob", 7)
+            await studio.community.vote(image_id, "bob", 7)
         with pytest.raises(InvalidRequest, match="is a file"):
             await studio.export(Path("/etc/hostname"), "imagefolder", ExportFilter())
         with pytest.raises(InvalidRequest, match="format must be one of"):
@@ -318,8 +318,8 @@ def test_export_formats_filters_and_lineage(database_url, tmp_path):
         images = await finish(studio, grid.id)
         for value, voters in ((1, 3), (-1, 2)):
             for v in range(voters):
-                await studio.vote(images[0] if value > 0 else images[1], f"voter{v}", value)
-        await studio.vote(images[2], "voter0", 1)
+                await studio.community.vote(images[0] if value > 0 else images[1], f"voter{v}", value)
+        await studio.community.vote(images[2], "voter0", 1)
         upscale = await studio.submit_from_image("bob", images[0], "upscale", "detail")
         upscaled = await finish(studio, upscale.id, count=1)
         lineage = await studio.lineage(images[0])
@@ -365,7 +365,7 @@ def test_export_formats_filters_and_lineage(database_url, tmp_path):
         assert none.images == 0
         outlined = await studio.submit_imagine("carol", "a green square --lora outline --seed 4")
         outlined_images = await finish(studio, outlined.id)
-        await studio.vote(outlined_images[1], "voter0", 1)
+        await studio.community.vote(outlined_images[1], "voter0", 1)
         by_lora = await studio.export(tmp_path / "lora", "imagefolder", ExportFilter(lora="outline", min_score=1))
         rows = [json.loads(line) for line in (tmp_path / "lora" / "metadata.jsonl").read_text().splitlines()]
         assert by_lora.images == 1 and rows[0]["image_id"] == outlined_images[1]
@@ -378,7 +378,7 @@ def test_export_formats_filters_and_lineage(database_url, tmp_path):
 def test_user_defaults_apply_where_the_prompt_is_silent(database_url, tmp_path):
     async def scenario():
         studio = await open_studio(database_url, tmp_path)
-        await studio.set_user_defaults("alice", {"ar": "16:9", "stylize": 250, "tile": True})
+        await studio.community.set_user_defaults("alice", {"ar": "16:9", "stylize": 250, "tile": True})
         plain = await studio.submit_imagine("alice", "a red circle")
         assert plain.parameters["aspect_ratio"] == "16:9" and plain.parameters["stylize"] == 250 and plain.parameters["tile"]
         explicit = await studio.submit_imagine("alice", "a red circle --ar 1:1 --s 50")
@@ -386,9 +386,9 @@ def test_user_defaults_apply_where_the_prompt_is_silent(database_url, tmp_path):
         other = await studio.submit_imagine("bob", "a red circle")
         assert other.parameters["aspect_ratio"] == "1:1"
         with pytest.raises(InvalidPrompt, match="--chaos"):
-            await studio.set_user_defaults("alice", {"chaos": 500})
+            await studio.community.set_user_defaults("alice", {"chaos": 500})
         with pytest.raises(InvalidRequest, match="Unknown default"):
-            await studio.set_user_defaults("alice", {"colour": "red"})
+            await studio.community.set_user_defaults("alice", {"colour": "red"})
         await studio.close()
 
     run(scenario())
@@ -460,11 +460,11 @@ def test_only_verified_votes_count_and_a_ban_can_purge_votes(database_url, tmp_p
         studio = await open_studio(database_url, tmp_path, max_votes_per_minute=3)
         grid = await studio.submit_imagine("discord:1", "a red circle --seed 1")
         images = await finish(studio, grid.id)
-        await studio.vote(images[0], "discord:2", 1, source="reaction")
-        await studio.vote(images[0], "discord:3", 1, source="web")
+        await studio.community.vote(images[0], "discord:2", 1, source="reaction")
+        await studio.community.vote(images[0], "discord:3", 1, source="web")
         for anonymous in range(10):
-            assert await studio.vote(images[1], f"web:{anonymous:04x}", 1, source="web", verified=False) == (0, 0)
-        assert await studio.vote(images[1], "discord:2", -1, source="button") == (0, 1)
+            assert await studio.community.vote(images[1], f"web:{anonymous:04x}", 1, source="web", verified=False) == (0, 0)
+        assert await studio.community.vote(images[1], "discord:2", -1, source="button") == (0, 1)
         (first, _), = [(item.image_id, item.up) for item in (await studio.gallery(GalleryQuery(period="all")))[0][:1]]
         assert first == images[0]  # 10 anonymous up-votes did not lift image 2
         report = await studio.export(tmp_path / "before", "imagefolder", ExportFilter(min_score=1))
@@ -473,7 +473,7 @@ def test_only_verified_votes_count_and_a_ban_can_purge_votes(database_url, tmp_p
         more = await finish(studio, (await studio.submit_imagine("discord:1", "a blue square --seed 2")).id)
         for image_id in more:
             try:
-                await studio.vote(image_id, "discord:9", 1, source="reaction")
+                await studio.community.vote(image_id, "discord:9", 1, source="reaction")
             except LimitReached as error:
                 assert error.retry_after == 60 and "in the last minute" in str(error)
                 break
@@ -484,7 +484,7 @@ def test_only_verified_votes_count_and_a_ban_can_purge_votes(database_url, tmp_p
         assert removed == 2
         assert (await studio.image_detail(images[0]))["up"] == 1 and (await studio.image_detail(images[1]))["down"] == 0
         with pytest.raises(NotAllowed, match="banned"):
-            await studio.vote(images[0], "discord:2", 1, source="reaction")
+            await studio.community.vote(images[0], "discord:2", 1, source="reaction")
         rows = [json.loads(line) for line in (tmp_path / "before" / "metadata.jsonl").read_text().splitlines()]
         assert rows[0]["score"] == 2
         await studio.export(tmp_path / "after", "imagefolder", ExportFilter(min_score=1))
@@ -562,8 +562,8 @@ def test_anonymous_visitors_where_an_admin_allows_them_are_kept_apart(database_u
         token, visitor = await studio.anonymous_visitor()
         assert visitor.user_id.startswith("web:") and not visitor.verified and visitor.csrf_token
         assert (await studio.web_member(token)).user_id == visitor.user_id
-        assert await studio.vote(image, visitor.user_id, 1, source="web", verified=visitor.verified) == (0, 0)
-        assert await studio.vote_of(image, visitor.user_id) == 1  # kept, and shown to them
+        assert await studio.community.vote(image, visitor.user_id, 1, source="web", verified=visitor.verified) == (0, 0)
+        assert await studio.community.vote_of(image, visitor.user_id) == 1  # kept, and shown to them
         assert (await studio.image_detail(image))["up"] == 0  # but not counted
         await studio.close()
 

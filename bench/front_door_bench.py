@@ -21,6 +21,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import rss_mib  # noqa: E402
+
 DREAMLOOM = Path(sys.executable).parent / "dreamloom"
 
 
@@ -43,8 +48,7 @@ def start_once(args: list[str]) -> dict:
                 except OSError:
                     time.sleep(0.05)
             ready = time.monotonic() - started
-            status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
-            rss = int(next(line for line in status if line.startswith("VmRSS")).split()[1]) / 1024
+            rss = rss_mib(process.pid)
             torch = "libtorch" in Path(f"/proc/{process.pid}/maps").read_text()
         finally:
             process.terminate()

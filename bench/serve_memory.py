@@ -20,18 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import func, select  # noqa: E402
-
-from storage.models import Job  # noqa: E402
+from bench.common import done_count, rss_mib  # noqa: E402
 from studio.service import Studio  # noqa: E402
 from studio.settings import Settings  # noqa: E402
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def submit_all(settings: Settings, jobs: int) -> None:
@@ -39,15 +30,6 @@ async def submit_all(settings: Settings, jobs: int) -> None:
     for i in range(jobs):
         await studio.submit_imagine(f"user{i % 50}", f"a red circle on a blue background --n 1 --steps 4 --seed {i}")
     await studio.close()
-
-
-async def done_count(settings: Settings) -> int:
-    studio = await Studio.open(settings)
-    try:
-        async with studio.db.session() as session:
-            return await session.scalar(select(func.count()).select_from(Job).where(Job.status == "done"))
-    finally:
-        await studio.close()
 
 
 def main() -> None:

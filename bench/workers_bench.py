@@ -25,9 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import func, select  # noqa: E402
-
-from storage.models import Job  # noqa: E402
+from bench.common import done_count  # noqa: E402
 from studio.service import Studio  # noqa: E402
 from studio.settings import Settings  # noqa: E402
 from tests.pg_server import PostgresServer  # noqa: E402
@@ -40,15 +38,6 @@ async def queue_jobs(settings: Settings, jobs: int, steps: int) -> None:
     try:
         for n in range(jobs):
             await studio.submit_imagine(f"member{n % 6}", f"a red circle on a blue background --seed {n} --steps {steps}")
-    finally:
-        await studio.close()
-
-
-async def done_count(settings: Settings) -> int:
-    studio = await Studio.open(settings)
-    try:
-        async with studio.db.session() as session:
-            return await session.scalar(select(func.count()).select_from(Job).where(Job.status == "done"))
     finally:
         await studio.close()
 

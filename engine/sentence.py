@@ -69,8 +69,8 @@ class MiniLM:
             tokenizer.enable_padding(pad_id=config["pad_token_id"])
             weights = load_file(str(self.folder / "model.safetensors"))
             # Linear layers as (in, out), so a forward step is x @ W + b.
-            self._weights = {name: (value.T.copy() if name.endswith("dense.weight") or name.endswith(
-                ("query.weight", "key.weight", "value.weight")) else value) for name, value in weights.items()}
+            linear = ("dense.weight", "query.weight", "key.weight", "value.weight")
+            self._weights = {name: value.T.copy() if name.endswith(linear) else value for name, value in weights.items()}
             self._tokenizer = tokenizer
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:

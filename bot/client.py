@@ -160,7 +160,7 @@ class DreamloomBot(discord.AutoShardedClient):
 
     async def _show_gallery(self, interaction: discord.Interaction, period: str, page: int, model: str | None,
                             edit: bool) -> None:
-        items, has_more = await self.studio.discord_gallery(str(interaction.guild_id) if interaction.guild_id else None,
+        items, has_more = await self.studio.showcase.discord_gallery(str(interaction.guild_id) if interaction.guild_id else None,
                                                             period, page, model)
         if not items:
             text = f"No images for {period}" + (f" on {model}" if model else "") + " yet."
@@ -170,7 +170,7 @@ class DreamloomBot(discord.AutoShardedClient):
                 await interaction.response.send_message(text, ephemeral=True)
             return
         item = items[0]
-        name, data = await self.studio.gallery_file(item.image_id, int(self.settings.discord_upload_limit_mb * 2**20))
+        name, data = await self.studio.showcase.gallery_file(item.image_id, int(self.settings.discord_upload_limit_mb * 2**20))
         content = render.clip(
             f"**Gallery: {period}**{' · ' + model if model else ''} · #{page}\n**{item.prompt}** - "
             f"{render.mention(item.user_id)} · \u25b2{item.up} \u25bc{item.down} · "
@@ -248,8 +248,8 @@ class DreamloomBot(discord.AutoShardedClient):
         if rules is None:
             return
         try:
-            detail = await self.studio.starboard_image(image_id)
-            name, data = await self.studio.gallery_file(image_id, int(self.settings.discord_upload_limit_mb * 2**20))
+            detail = await self.studio.showcase.starboard_image(image_id)
+            name, data = await self.studio.showcase.gallery_file(image_id, int(self.settings.discord_upload_limit_mb * 2**20))
             channel = self.get_partial_messageable(int(rules.gallery_channel_id))
             message = await channel.send(
                 render.clip(f"\u2b50 **{detail['prompt']}** - {render.mention(detail['user_id'])} reached "

@@ -222,7 +222,7 @@ def register_commands(bot) -> None:
         view = await studio.job(job)
         if view.guild_id and view.guild_id != str(interaction.guild_id):
             raise NotFound(f"There is no job {job} on this server.")
-        lineage = await studio.lineage(view.images[0].id) if view.images else None
+        lineage = await studio.showcase.lineage(view.images[0].id) if view.images else None
         await interaction.response.send_message(render.job_info(view, lineage), ephemeral=True)
 
     @tree.command(name="personalize", description="Your personal style (--p): what it needs, its status, or train it")

@@ -105,7 +105,7 @@ async def deliver_result(bot, post, job) -> None:
     """Put the final state of a job on its message (retrying), or on a new message if that is no longer possible."""
     fields: dict[str, Any] = {"content": render.finished(job), "attachments": []}
     if job.status == "done":
-        name, data = await bot.studio.result_file(job.id, int(bot.settings.discord_upload_limit_mb * 2**20))
+        name, data = await bot.studio.showcase.result_file(job.id, int(bot.settings.discord_upload_limit_mb * 2**20))
         fields["attachments"] = [_file(name, data)]
         if job.images and job.kind != "compare":  # a learning job's picture and a comparison grid have no buttons
             fields["view"] = grid_view(job) if len(job.images) > 1 else image_view(job.images[0].id)

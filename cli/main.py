@@ -420,7 +420,7 @@ def cmd_show(args, settings) -> dict[str, Any]:
 
     async def work(studio):
         view = (await studio.job(args.job)).to_dict()
-        view["lineage"] = [await studio.lineage(image["id"]) for image in view["images"]]
+        view["lineage"] = [await studio.showcase.lineage(image["id"]) for image in view["images"]]
         return view
 
     return asyncio.run(_with_studio(settings, work))

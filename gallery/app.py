@@ -22,7 +22,8 @@ from dreamloom.errors import DreamloomError, InvalidRequest, LimitReached, NotAl
 from gallery.guard import (LIMITS, SESSION_COOKIE, SIGN_IN_COOKIE, STUDIO, RateLimits, address_within, client_address, cookie_options, csrf, identity,
                            member, read_form, read_json, read_only_reason)
 from studio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, database_text
-from studio.service import TERMINAL, GalleryQuery, Studio
+from studio.service import TERMINAL, Studio
+from studio.showcase import GalleryQuery
 from studio.signin import CALLBACK_PATH
 
 log = logging.getLogger(__name__)
@@ -122,11 +123,11 @@ async def _gallery(request: web.Request, title: str, known: bool = True, style=N
     """A gallery page; `known=False` (a name the registry does not have) is a 404 unless it has images."""
     query = _query(request, **fixed)
     studio = request.app[STUDIO]
-    items, more = await studio.gallery(query)
+    items, more = await studio.showcase.gallery(query)
     if not known and not items and query.page == 1:
         raise NotFound(f"There is no {title[0].lower() + title[1:]} here.")
     filters = {parameter: fixed.get(field) for parameter, field in FILTERS.items()}
-    hidden = set(studio.hidden_models())
+    hidden = set(studio.showcase.hidden_models())
     catalog = studio.catalog()
     return aiohttp_jinja2.render_template("gallery.html", request, {
         "title": title, "items": [_item_json(i) for i in items], "period": query.period, "periods": PERIOD_TITLES,
@@ -146,7 +147,7 @@ async def index(request: web.Request) -> web.Response:
 async def by_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     studio = request.app[STUDIO]
-    known = name in studio.registry.models and name not in studio.hidden_models()
+    known = name in studio.registry.models and name not in studio.showcase.hidden_models()
     return await _gallery(request, f"Model {name}", known, model=name)
 
 
@@ -177,7 +178,7 @@ async def by_member(request: web.Request) -> web.Response:
 
 async def image_page(request: web.Request) -> web.Response:
     studio = request.app[STUDIO]
-    detail = await studio.image_detail(int(request.match_info["id"]), _viewer_guilds(request))
+    detail = await studio.showcase.image_detail(int(request.match_info["id"]), _viewer_guilds(request))
     who = member(request)
     my_vote = await studio.community.vote_of(detail["id"], who.user_id) if who else 0
     return aiohttp_jinja2.render_template("image.html", request, {"image": detail, "my_vote": my_vote,
@@ -193,13 +194,13 @@ def _file_response(path: Path, content_type: str) -> web.FileResponse:
 
 async def image_file(request: web.Request) -> web.StreamResponse:
     studio = request.app[STUDIO]
-    detail = await studio.image_detail(int(request.match_info["id"]), _viewer_guilds(request))
+    detail = await studio.showcase.image_detail(int(request.match_info["id"]), _viewer_guilds(request))
     return _file_response(studio.store.path(detail["path"]), "image/png")
 
 
 async def thumbnail(request: web.Request) -> web.StreamResponse:
     studio = request.app[STUDIO]
-    detail = await studio.image_detail(int(request.match_info["id"]), _viewer_guilds(request))
+    detail = await studio.showcase.image_detail(int(request.match_info["id"]), _viewer_guilds(request))
     target = studio.settings.data_dir / "thumbs" / f"{detail['sha256']}.webp"
     if not target.is_file():
         await asyncio.to_thread(_make_thumbnail, studio.store.path(detail["path"]), target)
@@ -245,7 +246,7 @@ async def image_action(request: web.Request) -> web.StreamResponse:
     """The image page's Upscale and Vary buttons (U and V in Discord)."""
     studio = request.app[STUDIO]
     image_id = int(request.match_info["id"])
-    await studio.image_detail(image_id, _viewer_guilds(request))  # what the visitor cannot see, they cannot use
+    await studio.showcase.image_detail(image_id, _viewer_guilds(request))  # what the visitor cannot see, they cannot use
     action = str((await read_form(request)).get("action", ""))
     if action not in IMAGE_ACTIONS:
         raise InvalidRequest(f"action must be one of {', '.join(IMAGE_ACTIONS)}.")
@@ -259,14 +260,14 @@ async def job_reroll(request: web.Request) -> web.StreamResponse:
     """The job page's Reroll button: the same prompt with new seeds."""
     studio = request.app[STUDIO]
     job_id = int(request.match_info["id"])
-    await studio.public_job(job_id, _viewer_guilds(request))
+    await studio.showcase.public_job(job_id, _viewer_guilds(request))
     await request.app[LIMITS].hit(request, "imagine", "generations")
     job = await studio.submit_reroll(member(request).user_id, job_id)
     raise web.HTTPSeeOther(f"/jobs/{job.id}")
 
 
 async def job_page(request: web.Request) -> web.Response:
-    job = await request.app[STUDIO].public_job(int(request.match_info["id"]), _viewer_guilds(request))
+    job = await request.app[STUDIO].showcase.public_job(int(request.match_info["id"]), _viewer_guilds(request))
     who = member(request)
     return aiohttp_jinja2.render_template("job.html", request, {"job": job.to_dict(), "terminal": job.status in TERMINAL,
                                                                 "mine": who is not None and job.user_id == who.user_id})
@@ -276,7 +277,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: queue position, each step with a preview, and the end."""
     studio = request.app[STUDIO]
     job_id = int(request.match_info["id"])
-    view = await studio.public_job(job_id, _viewer_guilds(request))
+    view = await studio.showcase.public_job(job_id, _viewer_guilds(request))
     await request.app[LIMITS].hit(request, "events", "live progress streams")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -310,12 +311,12 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 async def api_gallery(request: web.Request) -> web.Response:
     fixed = {field: request.query[parameter] for parameter, field in FILTERS.items() if request.query.get(parameter)}
-    items, more = await request.app[STUDIO].gallery(_query(request, **fixed))
+    items, more = await request.app[STUDIO].showcase.gallery(_query(request, **fixed))
     return web.json_response({"items": [_item_json(i) for i in items], "more": more})
 
 
 async def api_image(request: web.Request) -> web.Response:
-    detail = await request.app[STUDIO].image_detail(int(request.match_info["id"]), _viewer_guilds(request))
+    detail = await request.app[STUDIO].showcase.image_detail(int(request.match_info["id"]), _viewer_guilds(request))
     detail.pop("path")
     return web.json_response(detail)
 
@@ -336,7 +337,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def api_job(request: web.Request) -> web.Response:
-    job = (await request.app[STUDIO].public_job(int(request.match_info["id"]), _viewer_guilds(request))).to_dict()
+    job = (await request.app[STUDIO].showcase.public_job(int(request.match_info["id"]), _viewer_guilds(request))).to_dict()
     for image in job["images"]:
         image["path"] = f"/files/{image['id']}.png"
     return web.json_response(job)
@@ -355,7 +356,7 @@ async def api_cancel(request: web.Request) -> web.Response:
     """The job page's Cancel button: a queued job at once, a running one at its next step (its owner only)."""
     studio = request.app[STUDIO]
     job_id = int(request.match_info["id"])
-    await studio.public_job(job_id, _viewer_guilds(request))  # what the web cannot see, it cannot cancel either
+    await studio.showcase.public_job(job_id, _viewer_guilds(request))  # what the web cannot see, it cannot cancel either
     view = await studio.cancel(job_id, member(request).user_id)
     return web.json_response({"status": view.status})
 
@@ -363,7 +364,7 @@ async def api_cancel(request: web.Request) -> web.Response:
 async def api_vote(request: web.Request) -> web.Response:
     studio = request.app[STUDIO]
     image_id = int(request.match_info["id"])
-    await studio.image_detail(image_id, _viewer_guilds(request))  # hidden images cannot be voted on either
+    await studio.showcase.image_detail(image_id, _viewer_guilds(request))  # hidden images cannot be voted on either
     body = await read_json(request)
     value = body.get("value") if isinstance(body, dict) else None
     # Exactly 1, -1 or 0: not 1.9, true, "-1" or 1e999 (which used to be taken, or answered 500).
@@ -381,7 +382,7 @@ async def api_vote(request: web.Request) -> web.Response:
 async def sign_in(request: web.Request) -> web.StreamResponse:
     """Sign in with Discord: off to Discord's approval page, the `state` kept in a short-lived cookie too."""
     studio = request.app[STUDIO]
-    state, url = await studio.begin_sign_in(request.query.get("next", "/"))
+    state, url = await studio.sign_in.begin(request.query.get("next", "/"))
     response = web.HTTPFound(url)
     response.set_cookie(SIGN_IN_COOKIE, state, max_age=600, **cookie_options(studio))
     raise response
@@ -395,7 +396,7 @@ async def sign_in_callback(request: web.Request) -> web.StreamResponse:
         raise NotAllowed("Sign-in was cancelled on Discord; nothing changed.")
     if not state or not code or not secrets.compare_digest(state.encode(), request.cookies.get(SIGN_IN_COOKIE, "").encode()):
         raise NotAllowed("This sign-in did not start in this browser (or took too long); sign in again.")
-    token, return_to = await studio.finish_sign_in(state, code)
+    token, return_to = await studio.sign_in.finish(state, code)
     response = web.HTTPSeeOther(return_to)
     response.set_cookie(SESSION_COOKIE, token, max_age=int(studio.settings.web_session_days * 86400),
                         **cookie_options(studio))
@@ -405,7 +406,7 @@ async def sign_in_callback(request: web.Request) -> web.StreamResponse:
 
 async def sign_out(request: web.Request) -> web.StreamResponse:
     """Sign out (a form with the CSRF token, so another site cannot sign a member out)."""
-    await request.app[STUDIO].sign_out(request.cookies.get(SESSION_COOKIE, ""))
+    await request.app[STUDIO].sign_in.sign_out(request.cookies.get(SESSION_COOKIE, ""))
     response = web.HTTPSeeOther("/")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response

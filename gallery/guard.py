@@ -57,10 +57,10 @@ async def identity(request: web.Request, handler):
     """Looks the session cookie up; where an admin allows anonymous visitors, a page visit gives them a session."""
     studio = request.app[STUDIO]
     token = request.cookies.get(SESSION_COOKIE, "")
-    request[MEMBER] = await studio.web_member(token) if token else None
+    request[MEMBER] = await studio.sign_in.member(token) if token else None
     fresh = None
     if request[MEMBER] is None and studio.settings.web_allow_anonymous and request.method == "GET" and _is_page(request):
-        fresh, request[MEMBER] = await studio.anonymous_visitor()
+        fresh, request[MEMBER] = await studio.sign_in.anonymous_visitor()
     response = await handler(request)
     if fresh and isinstance(response, web.StreamResponse) and not response.prepared:
         response.set_cookie(SESSION_COOKIE, fresh, max_age=86400, **cookie_options(studio))

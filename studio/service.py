@@ -7,22 +7,18 @@ import logging
 import re
 import dataclasses
 import random
-import secrets
-import statistics
 import threading
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from PIL import PngImagePlugin
 from sqlalchemy import func, select
 
-from dreamloom.errors import DreamloomError, InvalidRequest, NotAllowed, NotFound
+from dreamloom.errors import DreamloomError, InvalidRequest, NotFound
 from engine.compare import CompareRequest, cells as compare_cells, parse_axes
 from engine.hashes import FileHashes
 from engine.recipe import MergeRecipe
-from engine.images import make_grid, open_image
+from engine.images import open_image
 from engine.params import apply_defaults, check_image_weight, parse_prompt
 from engine.registry import Registry, load_registry
 from engine.routing import prepare_routing
@@ -30,7 +26,6 @@ from storage import queue, sessions, votes, workers
 from storage.database import Database, sqlite_url, uninterrupted
 from storage.export import ExportFilter, ExportReport, KohyaLayout, export_dataset
 from storage.files import ImageStore
-from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
 from storage.models import Image, Job, utcnow
 from studio.events import InProcessEvents, PostgresEvents, ProgressEvent
 from studio.community import Community
@@ -41,63 +36,12 @@ from studio.metrics import ProcessMetrics
 from studio.outputs import image_pngs
 from studio.result_cache import result_key
 from studio.settings import Settings
-from studio.signin import WebMember, authorize_url, fetch_account, new_pkce_pair
+from studio.showcase import Showcase
+from studio.signin import SignIn
+from studio.views import ImageView, JobView, job_view, typical_duration  # noqa: F401 (front doors import the views from here)
 
 TERMINAL = ("done", "failed", "cancelled")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ImageView:
-    """An image as front doors show it."""
-
-    id: int
-    index: int
-    seed: int
-    width: int
-    height: int
-    path: Path
-    up: int = 0
-    down: int = 0
-
-
-@dataclass
-class JobView:
-    """A job as front doors show it: status, place in the queue, estimated wait, images."""
-
-    id: int
-    kind: str
-    status: str
-    user_id: str
-    raw_prompt: str
-    prompt: str
-    model: str | None
-    seed: int | None
-    parameters: dict[str, Any]
-    settings: dict[str, Any] | None
-    parent_image_id: int | None
-    attempts: int
-    error: str | None
-    created_at: datetime
-    finished_at: datetime | None
-    position: int | None = None  # 1 = the next job to start
-    eta_seconds: float | None = None
-    images: list[ImageView] = field(default_factory=list)
-    guild_id: str | None = None
-    channel_id: str | None = None
-    message_id: str | None = None
-    loras: list[Any] = field(default_factory=list)
-    route_reason: str | None = None
-    cached_from_job_id: int | None = None  # answered from the result cache with this job's pictures
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable view."""
-        data = dataclasses.asdict(self)
-        data["created_at"] = self.created_at.isoformat()
-        data["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
-        for image in data["images"]:
-            image["path"] = str(image["path"])
-        return data
 
 
 class Studio(LearningMixin, RoutingMixin):
@@ -120,6 +64,8 @@ class Studio(LearningMixin, RoutingMixin):
         self.events = InProcessEvents() if db.is_sqlite else PostgresEvents(db)
         self.guilds = Guilds(db)
         self.community = Community(db, settings, on_verified_up_vote=self.learn_route_example)
+        self.sign_in = SignIn(db, settings)
+        self.showcase = Showcase(db, store, settings, lambda: self.registry)
         self.metrics = ProcessMetrics()
 
     @classmethod
@@ -139,7 +85,7 @@ class Studio(LearningMixin, RoutingMixin):
             rows = await workers.alive(session)
             counts = dict((await session.execute(select(Job.status, func.count()).where(
                 Job.status.in_(("queued", "running"))).group_by(Job.status))).all())
-            typical = await self._typical_duration(session, "imagine")
+            typical = await typical_duration(session, "imagine")
         now = utcnow()
         live = [{"id": row.id, "host": row.host, "pid": row.pid, "device": row.device, "models": list(row.models),
                  "current_job": row.current_job_id, "memory_mb": row.memory_mb,
@@ -229,7 +175,7 @@ class Studio(LearningMixin, RoutingMixin):
             cached = await self._cached_result(session, new.result_key)
             if cached is not None:
                 await queue.complete_from_cache(session, job, *cached)
-            view = await self._view(session, job)
+            view = await job_view(session, self.store, job)
         if cached is not None:
             self.events.publish(ProgressEvent(view.id, "done"))
             log.info("job %s done from the result cache (job %s's pictures): %s by %s", view.id, cached[0].id,
@@ -363,7 +309,7 @@ class Studio(LearningMixin, RoutingMixin):
             images = await asyncio.to_thread(self.store_result, job.id, raw_prompt, result, parent)
             queue.add_images(session, job.id, images, job.finished_at)
             await session.flush()
-            view = await self._view(session, job)
+            view = await job_view(session, self.store, job)
         log.info("job %s published from the command line by %s (%s, %d image(s))", view.id, user_id, kind,
                  len(view.images))
         return view
@@ -429,7 +375,7 @@ class Studio(LearningMixin, RoutingMixin):
         """Cancel a queued job, or ask a running one to stop (owner only; `user_id=None` for admins)."""
         async with self.db.session() as session:
             job = await queue.cancel(session, job_id, user_id)
-            view = await self._view(session, job)
+            view = await job_view(session, self.store, job)
         if view.status == "cancelled":
             self.events.publish(ProgressEvent(job_id, "cancelled", message="Cancelled."))
         elif view.status == "running" and job_id in self.running_jobs:
@@ -451,7 +397,7 @@ class Studio(LearningMixin, RoutingMixin):
         """The job a chat message shows, if any."""
         async with self.db.session() as session:
             job = await session.scalar(select(Job).where(Job.message_id == message_id).order_by(Job.id.desc()).limit(1))
-            return await self._view(session, job, with_position=False) if job else None
+            return await job_view(session, self.store, job, with_position=False) if job else None
 
     # -- servers, members and the registry (admin) --------------------------------------------------
 
@@ -485,7 +431,7 @@ class Studio(LearningMixin, RoutingMixin):
             job = await session.get(Job, job_id)
             if job is None:
                 raise NotFound(f"There is no job {job_id}.")
-            return await self._view(session, job)
+            return await job_view(session, self.store, job)
 
     @uninterrupted
     async def jobs(self, user_id: str | None = None, status: str | None = None, limit: int = 20) -> list[JobView]:
@@ -496,120 +442,7 @@ class Studio(LearningMixin, RoutingMixin):
         if status:
             statement = statement.where(Job.status == status)
         async with self.db.session() as session:
-            return [await self._view(session, job, with_position=False) for job in (await session.scalars(statement)).all()]
-
-    @uninterrupted
-    async def lineage(self, image_id: int) -> dict[str, Any]:
-        """An image's ancestors (the grids it came from) and descendants (its upscales and variations)."""
-        async with self.db.session() as session:
-            image = await session.get(Image, image_id)
-            if image is None:
-                raise NotFound(f"There is no image {image_id}.")
-            ancestors, current = [], image
-            while current.parent_image_id is not None and len(ancestors) < 100:
-                current = await session.get(Image, current.parent_image_id)
-                ancestors.append({"image_id": current.id, "job_id": current.job_id})
-            descendants, frontier = [], [image.id]
-            while frontier and len(descendants) < 1000:
-                children = (await session.scalars(select(Image).where(Image.parent_image_id.in_(frontier)))).all()
-                descendants += [{"image_id": c.id, "job_id": c.job_id, "parent_image_id": c.parent_image_id} for c in children]
-                frontier = [c.id for c in children]
-            return {"image_id": image.id, "job_id": image.job_id, "ancestors": ancestors, "descendants": descendants}
-
-    # -- the gallery ------------------------------------------------------------------------------
-
-    def hidden_models(self) -> tuple[str, ...]:
-        """Models whose images the gallery does not show (tagged `nsfw`, unless configured to)."""
-        if self.settings.gallery_show_nsfw:
-            return ()
-        return tuple(sorted(name for name, spec in self.registry.models.items() if "nsfw" in spec.tags))
-
-    @uninterrupted
-    async def gallery(self, query: GalleryQuery) -> tuple[list[GalleryItem], bool]:
-        """A page of the community gallery (and whether more follow)."""
-        query = dataclasses.replace(query, hidden_models=self.hidden_models())
-        async with self.db.session() as session:
-            return await gallery_page(session, query)
-
-    async def discord_gallery(self, guild_id: str | None, period: str, page: int,
-                              model: str | None) -> tuple[list[GalleryItem], bool]:
-        """One image per page of a server's gallery (its own images), ranked like the web gallery."""
-        return await self.gallery(GalleryQuery(period=period, page=page, per_page=1, model=model,
-                                               guild_id=guild_id).check())
-
-    @uninterrupted
-    async def gallery_file(self, image_id: int, max_bytes: int) -> tuple[str, bytes]:
-        """One stored image as a file for chat, re-encoded to fit `max_bytes`."""
-        async with self.db.session() as session:
-            image = await session.get(Image, image_id)
-        if image is None:
-            raise NotFound(f"There is no image {image_id}.")
-        return await asyncio.to_thread(_encode_to_fit, [self.store.root / image.path], image.job_id, max_bytes)
-
-    @uninterrupted
-    async def starboard_image(self, image_id: int) -> dict[str, Any]:
-        """What a starboard repost shows: prompt, author and votes."""
-        async with self.db.session() as session:
-            image = await session.get(Image, image_id)
-            job = await session.get(Job, image.job_id) if image else None
-            if job is None:
-                raise NotFound(f"There is no image {image_id}.")
-            return {"prompt": job.prompt, "user_id": job.user_id, "up": image.up_votes, "down": image.down_votes}
-
-    @uninterrupted
-    async def public_job(self, job_id: int, viewer_guilds: tuple[str, ...] = ()) -> JobView:
-        """A job as the web may see it: not from a banned member, a hidden model or a private guild (unless the
-        signed-in viewer belongs to that guild: `viewer_guilds`)."""
-        async with self.db.session() as session:
-            job = await session.get(Job, job_id)
-            if not await self._public(session, job, viewer_guilds):
-                raise NotFound(f"There is no job {job_id}.")
-            return await self._view(session, job)
-
-    async def _public(self, session, job: Job | None, viewer_guilds: tuple[str, ...] = ()) -> bool:
-        """The web's one visibility rule: not a banned member's, not a hidden model's, not a private guild's
-        (a guild's own members see its images)."""
-        if job is None or job.model in self.hidden_models():
-            return False
-        owner = await session.get(queue.User, job.user_id)
-        return not owner.banned and (job.guild_id is None or job.guild_id in viewer_guilds
-                                     or job.guild_id in await public_guilds(session))
-
-    @uninterrupted
-    async def image_detail(self, image_id: int, viewer_guilds: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Everything an image page shows; images the gallery hides (from this viewer) are not found."""
-        async with self.db.session() as session:
-            image = await session.get(Image, image_id)
-            job = await session.get(Job, image.job_id) if image else None
-            if job is None or job.status != "done" or not await self._public(session, job, viewer_guilds):
-                raise NotFound(f"There is no image {image_id}.")
-            siblings = (await session.scalars(select(Image).where(Image.job_id == job.id).order_by(Image.index_in_job))).all()
-            children = (await session.execute(select(Image.id, Job.kind).join(Job, Image.job_id == Job.id)
-                                              .where(Image.parent_image_id == image.id, Job.status == "done")
-                                              .order_by(Image.id))).all()
-        return {
-            "id": image.id, "job_id": job.id, "index": image.index_in_job, "seed": image.seed, "width": image.width,
-            "height": image.height, "sha256": image.sha256, "path": image.path, "created_at": image.created_at.isoformat(),
-            "up": image.up_votes, "down": image.down_votes, "score": round(image.score, 4), "user_id": job.user_id,
-            "kind": job.kind, "prompt": job.prompt, "raw_prompt": job.raw_prompt, "negative_prompt": job.negative_prompt,
-            "model": job.model, "loras": job.loras, "route_reason": job.route_reason, "settings": job.settings or {},
-            "parent_image_id": image.parent_image_id,
-            "siblings": [{"id": s.id, "index": s.index_in_job} for s in siblings if s.id != image.id],
-            "children": [{"id": child_id, "kind": kind} for child_id, kind in children],
-        }
-
-    async def result_file(self, job_id: int, max_bytes: int) -> tuple[str, bytes]:
-        """A finished job's images as one file for chat (a 2x2 grid, or the single image), re-encoded to fit
-        `max_bytes`: PNG when it fits, else WebP at falling quality, then smaller."""
-        view = await self.job(job_id)
-        if view.kind == "learn" and view.status == "done" and (view.settings or {}).get("before_after"):
-            # A learning job's picture: the base and the learned style on the same held-out prompts and seeds.
-            sheet = self.settings.data_dir / view.settings["before_after"]
-            if sheet.is_file():
-                return await asyncio.to_thread(_encode_to_fit, [sheet], job_id, max_bytes)
-        if view.status != "done" or not view.images:
-            raise InvalidRequest(f"Job {job_id} has no images yet.")
-        return await asyncio.to_thread(_encode_to_fit, [image.path for image in view.images], job_id, max_bytes)
+            return [await job_view(session, self.store, job, with_position=False) for job in (await session.scalars(statement)).all()]
 
     @uninterrupted
     async def export(self, folder: Path, fmt: str, filters: ExportFilter,
@@ -617,117 +450,6 @@ class Studio(LearningMixin, RoutingMixin):
         """Export the best images as a fine-tuning dataset (`kohya` names the kohya format's folder)."""
         async with self.db.session() as session:
             return await export_dataset(session, self.store, folder, fmt, filters, kohya)
-
-    async def _view(self, session, job: Job, with_position: bool = True) -> JobView:
-        images = (await session.scalars(select(Image).where(Image.job_id == job.id).order_by(Image.index_in_job))).all()
-        counts = await votes.tallies(session, [image.id for image in images])
-        views = [ImageView(image.id, image.index_in_job, image.seed, image.width, image.height,
-                           self.store.root / image.path, *counts[image.id]) for image in images]
-        position = eta = None
-        if with_position and job.status == "queued":
-            position = await queue.queue_position(session, job) + 1  # people count from 1: "position 1" is next
-            eta = position * await self._typical_duration(session, job.kind)
-        return JobView(job.id, job.kind, job.status, job.user_id, job.raw_prompt, job.prompt, job.model, job.seed,
-                       job.parameters, job.settings, job.parent_image_id, job.attempts, job.error, job.created_at,
-                       job.finished_at, position, eta, views, job.guild_id, job.channel_id, job.message_id,
-                       list(job.loras or []), job.route_reason, job.cached_from_job_id)
-
-    async def _typical_duration(self, session, kind: str) -> float:
-        rows = (await session.execute(select(Job.started_at, Job.finished_at).where(
-            Job.status == "done", Job.kind == kind, Job.cached_from_job_id.is_(None)).order_by(Job.id.desc()).limit(20))).all()
-        durations = [(finished - started).total_seconds() for started, finished in rows if started and finished]
-        return round(statistics.median(durations), 2) if durations else 5.0
-
-    # -- the web's members: Sign in with Discord, sessions --------------------------------------------
-
-    @uninterrupted
-    async def begin_sign_in(self, return_to: str = "/") -> tuple[str, str]:
-        """Start Sign in with Discord: returns the `state` (the browser keeps it in a cookie too) and the URL of
-        Discord's approval page."""
-        if not self.settings.sign_in_configured:
-            raise NotAllowed("Sign-in is not set up here: the owner sets DREAMLOOM_DISCORD_CLIENT_ID and "
-                             "DREAMLOOM_DISCORD_CLIENT_SECRET (see the README, \"Running it in public\").")
-        if not re.fullmatch(r"/(?![/\\])[!-~]{0,299}", return_to) or "\\" in return_to:
-            # Only pages of this site, in printable ASCII: never an open redirect ("//x", "/\\x", or "/\t/x",
-            # which browsers read as "//x").
-            return_to = "/"
-        state = secrets.token_urlsafe(32)
-        verifier, challenge = new_pkce_pair()
-        async with self.db.session() as session:
-            await sessions.start_sign_in(session, state, verifier, return_to)
-        return state, authorize_url(self.settings, state, challenge)
-
-    @uninterrupted
-    async def finish_sign_in(self, state: str, code: str) -> tuple[str, str]:
-        """Finish a sign-in Discord approved: returns the new session's token (for the cookie) and the page to
-        go back to. A state used before, stale or unknown, or a member the settings do not admit, is refused."""
-        async with self.db.session() as session:
-            pending = await sessions.take_sign_in(session, state)
-        if pending is None:
-            raise NotAllowed("This sign-in link has expired or was already used; sign in again.")
-        account = await fetch_account(self.settings, code, pending.code_verifier)
-        allowed = self.settings.signin_guild_ids
-        if allowed and not set(allowed) & set(account.guild_ids):
-            raise NotAllowed("Only members of this community's Discord server can sign in here; join it first.")
-        user_id = f"discord:{account.id}"
-        lifetime = timedelta(days=self.settings.web_session_days)
-        async with self.db.session() as session:
-            if (await queue.ensure_user(session, user_id)).banned:
-                raise NotAllowed("You are banned from this studio; ask a server admin.")
-            token, _ = await sessions.create_session(session, user_id, verified=True, guild_ids=list(account.guild_ids),
-                                                     lifetime=lifetime, display_name=account.name)
-        log.info("%s signed in on the web", user_id)
-        return token, pending.return_to
-
-    @uninterrupted
-    async def anonymous_visitor(self) -> tuple[str, WebMember]:
-        """A session for a visitor who is not signed in (only where `web_allow_anonymous` is set): their votes are
-        kept apart (unverified)."""
-        if not self.settings.web_allow_anonymous:
-            raise NotAllowed("Sign in with Discord to do this.")
-        async with self.db.session() as session:
-            token, row = await sessions.create_session(session, f"web:{secrets.token_hex(8)}", verified=False,
-                                                       guild_ids=[], lifetime=timedelta(days=1))
-            return token, WebMember(row.user_id, "", False, row.csrf_token)
-
-    @uninterrupted
-    async def web_member(self, token: str) -> WebMember | None:
-        """Who a session cookie belongs to (None: no live session, or a banned member)."""
-        async with self.db.reading() as connection:
-            row = await sessions.session_member(connection, token)
-        if row is None:
-            return None
-        return WebMember(row.user_id, row.display_name, bool(row.verified), row.csrf_token, tuple(row.guild_ids or ()))
-
-    @uninterrupted
-    async def sign_out(self, token: str) -> None:
-        """End a web session (its cookie stops working at once)."""
-        async with self.db.session() as session:
-            await sessions.end_session(session, token)
-
-def _encode_to_fit(paths: list[Path], job_id: int, max_bytes: int) -> tuple[str, bytes]:
-    images = [open_image(path, max_pixels=8192 * 8192, max_bytes=2**30) for path in paths]
-    picture = make_grid(images)
-    # A PNG keeps the parameters (A1111's `parameters` text, and ours) of its first image, as A1111's own grids do,
-    # so a file saved from Discord opens with its prompt and seed in other tools.
-    info = PngImagePlugin.PngInfo()
-    for key in ("parameters", "dreamloom"):
-        if isinstance(images[0].info.get(key), str):
-            info.add_text(key, images[0].info[key])
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", pnginfo=info)
-    if buffer.tell() <= max_bytes:
-        return f"dreamloom-{job_id}.png", buffer.getvalue()
-    for scale in (1.0, 0.75, 0.5, 0.35, 0.25, 0.125):
-        resized = picture if scale == 1.0 else picture.resize(
-            (max(1, int(picture.width * scale)), max(1, int(picture.height * scale))))
-        for quality in (90, 75, 55):
-            buffer = io.BytesIO()
-            resized.save(buffer, format="WEBP", quality=quality)
-            if buffer.tell() <= max_bytes:
-                return f"dreamloom-{job_id}.webp", buffer.getvalue()
-    raise InvalidRequest(f"The result of job {job_id} cannot be made smaller than {max_bytes} bytes.")
-
 
 def _without_seed(text: str) -> str:
     """The raw prompt with any --seed removed (a reroll gets new seeds)."""

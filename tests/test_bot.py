@@ -448,7 +448,7 @@ def test_admins_compare_seeds_and_settings_on_one_labelled_grid(engine, tmp_path
             job = await world.job_of(message)
             assert job.kind == "compare" and len(job.images) == 1
             _, _, made = await world.imagine(world.alice, f"a red circle {QUICK}")
-            page, _ = await studio.gallery(GalleryQuery(period="all", viewer_guilds=(str(double.guild_id),)))
+            page, _ = await studio.showcase.gallery(GalleryQuery(period="all", viewer_guilds=(str(double.guild_id),)))
             shown = [item.image_id for item in page]
             assert made.images[0].id in shown and job.images[0].id not in shown  # boards stay out of the gallery
             status = await double.slash(world.admin, "admin", {}, subcommand="status")

@@ -125,9 +125,9 @@ def test_publish_puts_cli_results_in_the_gallery_with_their_lineage(data_dir):
     async def read():
         studio = await Studio.open(Settings(data_dir=data_dir))
         try:
-            items, _ = await studio.gallery(GalleryQuery(period="all", per_page=50, user_id="cli:demo").check())
-            lineage = await studio.lineage(image_ids[2])
-            detail = await studio.image_detail(image_ids[0])
+            items, _ = await studio.showcase.gallery(GalleryQuery(period="all", per_page=50, user_id="cli:demo").check())
+            lineage = await studio.showcase.lineage(image_ids[2])
+            detail = await studio.showcase.image_detail(image_ids[0])
             return {item.image_id for item in items}, lineage, detail
         finally:
             await studio.close()

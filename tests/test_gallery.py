@@ -445,7 +445,7 @@ def _state(site, image_id: int) -> tuple:
         async with studio.db.session() as session:
             votes = await session.scalar(select(func.count()).select_from(Vote))
             jobs = await session.scalar(select(func.count()).select_from(Job))
-        detail = await studio.image_detail(image_id)
+        detail = await studio.showcase.image_detail(image_id)
         return detail["up"], detail["down"], votes, jobs
 
     return site.studio(read)
@@ -679,7 +679,7 @@ def test_where_an_admin_allows_anonymous_visitors_their_web_votes_are_kept_apart
             assert answer.status == 200 and await answer.json() == {"up": 0, "down": 0}
             page = await (await client.get(f"/image/{image_id}")).text()
             assert 'class="vote on"' in page  # their own vote is shown to them
-            assert (await studio.image_detail(image_id))["up"] == 0
+            assert (await studio.showcase.image_detail(image_id))["up"] == 0
         finally:
             await client.close()
             await studio.close()

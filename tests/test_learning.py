@@ -187,7 +187,7 @@ def test_learning_is_a_queued_job_that_lets_generations_through_pauses_resumes_a
         assert finished.settings["style"]["name"] == "p-discord-5-starter-shapes-v1"
         assert "personal style" in finished.settings["summary"] or "not in use" in finished.settings["summary"]
         assert not checkpoint.exists()
-        name, data = await studio.result_file(learning.id, 10 * 2**20)  # Discord's picture: base above, learned below
+        name, data = await studio.showcase.result_file(learning.id, 10 * 2**20)  # Discord's picture: base above, learned below
         from PIL import Image
 
         sheet = Image.open(__import__("io").BytesIO(data))

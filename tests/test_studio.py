@@ -114,7 +114,7 @@ def test_gallery_by_lora_lists_its_images_and_their_upscales(database_url, tmp_p
         outline_images += await finish(studio, upscale.id, count=1)  # an upscale keeps its source's LoRAs
 
         async def listed(**filters):
-            items, _ = await studio.gallery(GalleryQuery(period="all", per_page=100, **filters))
+            items, _ = await studio.showcase.gallery(GalleryQuery(period="all", per_page=100, **filters))
             return sorted(item.image_id for item in items)
 
         assert await listed(lora="outline") == sorted(outline_images)
@@ -322,9 +322,9 @@ def test_export_formats_filters_and_lineage(database_url, tmp_path):
         await studio.community.vote(images[2], "voter0", 1)
         upscale = await studio.submit_from_image("bob", images[0], "upscale", "detail")
         upscaled = await finish(studio, upscale.id, count=1)
-        lineage = await studio.lineage(images[0])
+        lineage = await studio.showcase.lineage(images[0])
         assert [d["image_id"] for d in lineage["descendants"]] == upscaled
-        assert (await studio.lineage(upscaled[0]))["ancestors"] == [{"image_id": images[0], "job_id": grid.id}]
+        assert (await studio.showcase.lineage(upscaled[0]))["ancestors"] == [{"image_id": images[0], "job_id": grid.id}]
 
         report = await studio.export(tmp_path / "hf", "imagefolder", ExportFilter(min_score=1))
         rows = [json.loads(line) for line in (tmp_path / "hf" / "metadata.jsonl").read_text().splitlines()]
@@ -465,7 +465,7 @@ def test_only_verified_votes_count_and_a_ban_can_purge_votes(database_url, tmp_p
         for anonymous in range(10):
             assert await studio.community.vote(images[1], f"web:{anonymous:04x}", 1, source="web", verified=False) == (0, 0)
         assert await studio.community.vote(images[1], "discord:2", -1, source="button") == (0, 1)
-        (first, _), = [(item.image_id, item.up) for item in (await studio.gallery(GalleryQuery(period="all")))[0][:1]]
+        (first, _), = [(item.image_id, item.up) for item in (await studio.showcase.gallery(GalleryQuery(period="all")))[0][:1]]
         assert first == images[0]  # 10 anonymous up-votes did not lift image 2
         report = await studio.export(tmp_path / "before", "imagefolder", ExportFilter(min_score=1))
         assert report.images == 1
@@ -482,7 +482,7 @@ def test_only_verified_votes_count_and_a_ban_can_purge_votes(database_url, tmp_p
         # The admin bans discord:2 and removes their votes: counts and export follow.
         removed = await studio.set_banned("discord:2", True, purge_votes=True)
         assert removed == 2
-        assert (await studio.image_detail(images[0]))["up"] == 1 and (await studio.image_detail(images[1]))["down"] == 0
+        assert (await studio.showcase.image_detail(images[0]))["up"] == 1 and (await studio.showcase.image_detail(images[1]))["down"] == 0
         with pytest.raises(NotAllowed, match="banned"):
             await studio.community.vote(images[0], "discord:2", 1, source="reaction")
         rows = [json.loads(line) for line in (tmp_path / "before" / "metadata.jsonl").read_text().splitlines()]
@@ -521,12 +521,12 @@ def test_sign_in_states_work_once_and_sessions_end(database_url, tmp_path):
     async def scenario():
         studio = await open_studio(database_url, tmp_path, discord_client_id="1", discord_client_secret="s",
                                    public_url="https://art.example.org")
-        state, url = await studio.begin_sign_in("//evil.example.com/")
+        state, url = await studio.sign_in.begin("//evil.example.com/")
         assert url.startswith("https://discord.com/oauth2/authorize?") and "code_challenge_method=S256" in url
         assert "redirect_uri=https%3A%2F%2Fart.example.org%2Fauth%2Fdiscord%2Fcallback" in url
         assert "scope=identify+guilds" in url and f"state={state}" in url
         with pytest.raises(NotAllowed, match="expired or was already used"):
-            await studio.finish_sign_in("not-the-state", "code")
+            await studio.sign_in.finish("not-the-state", "code")
         from datetime import timedelta
 
         from storage import sessions
@@ -536,19 +536,19 @@ def test_sign_in_states_work_once_and_sessions_end(database_url, tmp_path):
             assert pending.return_to == "/"  # never an open redirect
             assert await sessions.take_sign_in(session, state) is None  # once
         for hostile in ("/\t/evil.example.com", "/\\evil.example.com", "https://evil.example.com/"):
-            state, _ = await studio.begin_sign_in(hostile)
+            state, _ = await studio.sign_in.begin(hostile)
             async with studio.db.session() as session:
                 assert (await sessions.take_sign_in(session, state)).return_to == "/", hostile
         async with studio.db.session() as session:
             token, _ = await sessions.create_session(session, "discord:5", verified=True, guild_ids=["g"],
                                                      lifetime=timedelta(days=1))
-        member = await studio.web_member(token)
+        member = await studio.sign_in.member(token)
         assert member.user_id == "discord:5" and member.verified and member.guild_ids == ("g",)
-        assert await studio.web_member(token + "x") is None
+        assert await studio.sign_in.member(token + "x") is None
         await studio.set_banned("discord:5", True)  # a ban signs the member out
-        assert await studio.web_member(token) is None
+        assert await studio.sign_in.member(token) is None
         with pytest.raises(NotAllowed, match="Sign in with Discord"):
-            await studio.anonymous_visitor()  # not allowed unless an admin says so
+            await studio.sign_in.anonymous_visitor()  # not allowed unless an admin says so
         await studio.close()
 
     run(scenario())
@@ -559,12 +559,12 @@ def test_anonymous_visitors_where_an_admin_allows_them_are_kept_apart(database_u
         studio = await open_studio(database_url, tmp_path, web_allow_anonymous=True)
         grid = await studio.submit_imagine("discord:1", "a red circle --seed 1")
         image = (await finish(studio, grid.id))[0]
-        token, visitor = await studio.anonymous_visitor()
+        token, visitor = await studio.sign_in.anonymous_visitor()
         assert visitor.user_id.startswith("web:") and not visitor.verified and visitor.csrf_token
-        assert (await studio.web_member(token)).user_id == visitor.user_id
+        assert (await studio.sign_in.member(token)).user_id == visitor.user_id
         assert await studio.community.vote(image, visitor.user_id, 1, source="web", verified=visitor.verified) == (0, 0)
         assert await studio.community.vote_of(image, visitor.user_id) == 1  # kept, and shown to them
-        assert (await studio.image_detail(image))["up"] == 0  # but not counted
+        assert (await studio.showcase.image_detail(image))["up"] == 0  # but not counted
         await studio.close()
 
     run(scenario())
@@ -593,7 +593,7 @@ def test_sign_in_with_discord_admits_only_the_configured_servers_members(tmp_pat
                                    public_url=public, signin_guild_ids=[double.guild_id])
 
         async def approve(user_id: str, return_to: str = "/") -> tuple[str, str]:
-            state, url = await studio.begin_sign_in(return_to)
+            state, url = await studio.sign_in.begin(return_to)
             async with aiohttp.ClientSession() as http:
                 async with http.get(url) as consent:
                     page = await consent.text()
@@ -605,18 +605,18 @@ def test_sign_in_with_discord_admits_only_the_configured_servers_members(tmp_pat
             return state, parse_qs(back.query)["code"][0]
 
         state, code = await approve("5001", "/image/3")
-        token, return_to = await studio.finish_sign_in(state, code)
-        member = await studio.web_member(token)
+        token, return_to = await studio.sign_in.finish(state, code)
+        member = await studio.sign_in.member(token)
         assert (member.user_id, member.display_name, return_to) == ("discord:5001", "insider", "/image/3")
         assert double.token_requests[-1]["code_verifier"] and "client_secret" not in double.token_requests[-1]
         with pytest.raises(NotAllowed, match="expired or was already used"):
-            await studio.finish_sign_in(state, code)  # replayed
+            await studio.sign_in.finish(state, code)  # replayed
         state, code = await approve("5002")
         with pytest.raises(NotAllowed, match="Only members of this community"):
-            await studio.finish_sign_in(state, code)
+            await studio.sign_in.finish(state, code)
         state, _ = await approve("5001")
         with pytest.raises(NotAllowed, match="did not accept"):
-            await studio.finish_sign_in(state, "a-forged-code")
+            await studio.sign_in.finish(state, "a-forged-code")
         await studio.close()
         await double.stop()
 

@@ -52,7 +52,7 @@ def test_worker_runs_imagine_vary_upscale_reroll_with_progress(engine, tmp_path)
         assert varied.status == "done" and len(varied.images) == 4
         rerolled = await studio.job(reroll.id)
         assert rerolled.status == "done" and rerolled.seed != 7 and "--seed" not in rerolled.raw_prompt
-        lineage = await studio.lineage(done.images[0].id)
+        lineage = await studio.showcase.lineage(done.images[0].id)
         assert {d["job_id"] for d in lineage["descendants"]} == {vary.id}
         assert not await worker.run_one()  # the queue is empty
         await studio.close()

@@ -145,7 +145,9 @@ def _subsets(captions: list[str], repeats: list[int], names: list[str]) -> dict[
 def train_lora(dataset: Path, base: ModelSpec, trigger: str, out: Path, *, steps: int = 400, rank: int = 8,
                lr: float = 1e-3, batch: int = 16, seed: int = 0, device: str = "cpu", cache_dir: Path = Path("data/cache"),
                target_modules: list[str] | str = TARGET_MODULES, log=print) -> LoraTrainingReport:
-    """Train and save a LoRA for `base`; every caption starts with `trigger`. `target_modules` is peft's: a list of
+    """Train and save a LoRA for `base`; every caption holds `trigger` (added at its end where it lacks it, where the
+    router adds it to a prompt: the words before it keep their token positions, so what the base model learned
+    about them, such as which colour goes where, still holds under the LoRA). `target_modules` is peft's: a list of
     module-name suffixes or one regular expression."""
     started = time.time()
     torch.manual_seed(seed)
@@ -159,7 +161,7 @@ def train_lora(dataset: Path, base: ModelSpec, trigger: str, out: Path, *, steps
     if len(pairs) < RECOMMENDED_IMAGES:
         log(f"warning: {dataset} holds {len(pairs)} image(s); a LoRA trained on so few copies them rather than "
             f"learning a style. {RECOMMENDED_IMAGES} or more (20-50 is usual) give a style that carries over to new prompts.")
-    captions = [text if trigger.lower() in text.lower() else f"{trigger}, {text}" for _, text in pairs]
+    captions = [text if trigger.lower() in text.lower() else f"{text}, {trigger}" for _, text in pairs]
 
     # 2. The base pipeline; only the LoRA weights train.
     pipe = load_pipeline(base, device, torch.float32, cache_dir)

@@ -43,6 +43,7 @@ class Worker:
         self.interrupt = threading.Event()  # set on a second shutdown signal: stop the running job
         self.stop: asyncio.Event | None = None  # set on the first: a learning job pauses at its next checkpoint
         self.current_job: int | None = None
+        self._next_sweep = 0.0  # time.monotonic() of the next look for expired leases
         studio.metrics.engine = engine  # /metrics reads its model loads and embedding cache
 
     async def run(self, stop: asyncio.Event, idle_seconds: float = 0.5) -> None:
@@ -143,11 +144,14 @@ class Worker:
     async def _claim(self, exclude_kinds: tuple[str, ...] = ()) -> Job | None:
         async with self.studio.db.session() as session:
             # A job whose worker died (SIGKILL, a lost machine) keeps its lease until it expires; whichever worker
-            # claims next puts it back in the queue, so no process has to watch the others.
-            requeued = await queue.requeue_orphans(session, lock=not self.studio.db.is_sqlite)
-            if requeued:
-                log.warning("job(s) %s queued again: their worker stopped renewing the lease",
-                            ", ".join(map(str, requeued)))
+            # claims next puts it back in the queue, so no process has to watch the others. A quarter of a lease
+            # between looks keeps an idle worker's polls to one query, and a dead job waits at most 1.25 leases.
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + self.lease_seconds / 4
+                requeued = await queue.requeue_orphans(session, lock=not self.studio.db.is_sqlite)
+                if requeued:
+                    log.warning("job(s) %s queued again: their worker stopped renewing the lease",
+                                ", ".join(map(str, requeued)))
             return await queue.claim(session, self.worker_id, self.lease_seconds, lock=not self.studio.db.is_sqlite,
                                      exclude_kinds=exclude_kinds, loaded_models=tuple(self.engine.cache.loaded_names()))
 

@@ -58,14 +58,14 @@ def test_each_starter_kit_entry_passes_its_effect_check(engine, check):
 
 @pytest.fixture(scope="module")
 def night_figures(engine):
-    return kit_checks.check_night(engine, 8)
+    # The documented check (12 prompts x 2 seeds, as `kit_checks` and the README): a share of 95% needs more than
+    # the 16 pictures the other checks use to allow one miss.
+    return kit_checks.check_night(engine, 12)
 
 
 def test_the_night_lora_darkens_the_scene_by_at_least_30_percent(night_figures):
     assert night_figures["darkening"] >= kit_checks.NIGHT_MIN_DARKENING, night_figures
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15, open: the night LoRA keeps the named colours in about 65% of "
-                                       "pictures (the tuned decoder's ceiling is about 88%); the promise is 95%")
 def test_the_night_lora_keeps_the_colours_the_prompt_named(night_figures):
     assert night_figures["colour_adherence"] >= kit_checks.NIGHT_MIN_ADHERENCE, night_figures

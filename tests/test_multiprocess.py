@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from sqlalchemy import func, select
 
+from storage import workers as heartbeats
 from storage.database import Database
 from storage.models import Image, Job
 from tests.aio import run
@@ -91,6 +92,17 @@ def test_a_front_door_and_two_workers_on_postgres_survive_a_killed_worker(postgr
             made_public = await double.slash(admin, "admin", {"public": True}, subcommand="gallery")
             await double.wait_for(lambda: made_public.callbacks, 60, "the admin reply")
             workers = [await _spawn(worker_env, "worker", log=tmp_path / f"worker{n}.log") for n in (1, 2)]
+
+            # The owner sees both workers in /admin status once they beat (a worker on another machine shows up the
+            # same way: all it shares with the front door is the database and the image store).
+            async def both_beating() -> bool:
+                async with db.session() as session:
+                    return len(await heartbeats.alive(session)) == 2
+
+            await double.wait_for(both_beating, 120, "both workers' heartbeats")
+            status = await double.slash(admin, "admin", {}, subcommand="status")
+            await double.wait_for(lambda: status.callbacks, 60, "/admin status")
+            assert "**2 worker(s)** alive" in status.callbacks[0]["data"]["content"], status.callbacks
 
             # 2. Thirty jobs from six members, all at once, as a busy evening would bring them.
             members = [Member(str(4001 + n), f"member{n}") for n in range(MEMBERS)]

@@ -38,14 +38,16 @@ from studio.result_cache import result_key
 from studio.settings import Settings
 from studio.showcase import Showcase
 from studio.signin import SignIn
-from studio.views import ImageView, JobView, job_view, typical_duration  # noqa: F401 (front doors import the views from here)
+from studio.views import JobView, job_view, typical_duration
 
 TERMINAL = ("done", "failed", "cancelled")
 log = logging.getLogger(__name__)
 
 
 class Studio(LearningMixin, RoutingMixin):
-    """Jobs, queue, votes and lineage over one database and one image store; learned styles (studio/learning.py)."""
+    """The jobs-and-queue service over one database and one image store (submit, cancel, reroll, status, export),
+    with routing (studio/routing.py) and learned styles (studio/learning.py); it holds the narrower services front
+    doors reach through it: `events`, `guilds`, `community`, `showcase` and `sign_in`."""
 
     def __init__(self, settings: Settings, db: Database, store: ImageStore, registry: Registry) -> None:
         self.settings = settings

@@ -90,6 +90,10 @@ async def gallery_page(session: AsyncSession, query: GalleryQuery, now: datetime
         statement = statement.where(Job.model == query.model)
     if query.user_id:
         statement = statement.where(Job.user_id == query.user_id)
+    else:
+        # A result-cache hit has rows of its own for the same files (its member votes on them): the community's
+        # pages show each picture once, as the job that made it; a member's own page keeps their copies.
+        statement = statement.where(Job.cached_from_job_id.is_(None))
     start = (query.page - 1) * query.per_page
     window = PERIODS[query.period]
     order = (Image.id.desc(),) if query.period == "new" else (Image.score.desc(), Image.id.desc())

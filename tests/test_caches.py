@@ -7,6 +7,7 @@ import time
 from engine.generation import ImagineRequest
 from engine.service import Engine
 from studio.service import Studio
+from studio.showcase import GalleryQuery
 from studio.settings import Settings
 from studio.worker import Worker
 from tests.aio import run
@@ -34,6 +35,11 @@ def test_an_identical_request_is_answered_from_the_store_and_any_change_misses(e
         assert again.settings["cache_hit"] == first.id and again.settings["seeds"] == made.settings["seeds"]
         assert not await worker.run_one(), "a cache hit must not reach the GPU queue"
         assert elapsed < 5, elapsed  # generous on a loaded CI machine; the benchmark measures it
+        # The community gallery shows each picture once (the job that made it); bob's own page keeps his copies.
+        shown, _ = await studio.showcase.gallery(GalleryQuery(period="all", per_page=50).check())
+        assert sorted(item.image_id for item in shown) == sorted(image.id for image in made.images)
+        bobs, _ = await studio.showcase.gallery(GalleryQuery(period="all", per_page=50, user_id="bob").check())
+        assert sorted(item.image_id for item in bobs) == sorted(image.id for image in again.images)
 
         # 2. Whatever changes the pictures misses: the seed, a parameter, a LoRA weight.
         for changed in (PROMPT.replace("--seed 11", "--seed 12"), PROMPT + " --cfg 5",

@@ -38,7 +38,7 @@ from studio.result_cache import result_key
 from studio.settings import Settings
 from studio.showcase import Showcase
 from studio.signin import SignIn
-from studio.views import JobView, job_view, typical_duration
+from studio.views import JobView, find_job, job_view, typical_duration
 
 TERMINAL = ("done", "failed", "cancelled")
 log = logging.getLogger(__name__)
@@ -363,9 +363,7 @@ class Studio(LearningMixin, RoutingMixin):
     async def submit_reroll(self, user_id: str, job_id: int, *, age_restricted_channel: bool | None = None) -> JobView:
         """The same prompt again with new seeds."""
         async with self.db.session() as session:
-            source = await session.get(Job, job_id)
-            if source is None:
-                raise NotFound(f"There is no job {job_id}.")
+            source = await find_job(session, job_id)
         image_prompt = source.parameters.get("image_prompt")
         return await self.submit_imagine(user_id, _without_seed(source.raw_prompt), kind="reroll",
                                          guild_id=source.guild_id, channel_id=source.channel_id,
@@ -389,9 +387,7 @@ class Studio(LearningMixin, RoutingMixin):
     async def attach_message(self, job_id: int, channel_id: str, message_id: str) -> None:
         """Remember the chat message that shows a job, so reactions and buttons on it find the job later."""
         async with self.db.session() as session:
-            job = await session.get(Job, job_id)
-            if job is None:
-                raise NotFound(f"There is no job {job_id}.")
+            job = await find_job(session, job_id)
             job.channel_id, job.message_id = channel_id, message_id
 
     @uninterrupted
@@ -430,9 +426,7 @@ class Studio(LearningMixin, RoutingMixin):
     async def job(self, job_id: int) -> JobView:
         """A job with its queue position, ETA and images."""
         async with self.db.session() as session:
-            job = await session.get(Job, job_id)
-            if job is None:
-                raise NotFound(f"There is no job {job_id}.")
+            job = await find_job(session, job_id)
             return await job_view(session, self.store, job)
 
     @uninterrupted

@@ -19,7 +19,7 @@ from storage.files import ImageStore
 from storage.gallery import GalleryItem, GalleryQuery, gallery_page, public_guilds
 from storage.models import Image, Job
 from studio.settings import Settings
-from studio.views import JobView, job_view
+from studio.views import JobView, find_job, job_view
 
 
 class Showcase:
@@ -134,10 +134,7 @@ class Showcase:
         """A finished job's images as one file for chat (a 2x2 grid, or the single image), re-encoded to fit
         `max_bytes`: PNG when it fits, else WebP at falling quality, then smaller."""
         async with self.db.session() as session:
-            job = await session.get(Job, job_id)
-            if job is None:
-                raise NotFound(f"There is no job {job_id}.")
-            view = await job_view(session, self.store, job, with_position=False)
+            view = await job_view(session, self.store, await find_job(session, job_id), with_position=False)
         if view.kind == "learn" and view.status == "done" and (view.settings or {}).get("before_after"):
             # A learning job's picture: the base and the learned style on the same held-out prompts and seeds.
             sheet = self.settings.data_dir / view.settings["before_after"]

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from dreamloom.errors import NotFound
 from storage import queue, votes
 from storage.files import ImageStore
 from storage.models import Image, Job
@@ -68,6 +69,14 @@ class JobView:
         return data
 
 
+async def find_job(session, job_id: int) -> Job:
+    """The job row, or NotFound (a message safe to show)."""
+    job = await session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"There is no job {job_id}.")
+    return job
+
+
 async def job_view(session, store: ImageStore, job: Job, with_position: bool = True) -> JobView:
     """A job row as front doors show it (its queue position and ETA only while queued, if `with_position`)."""
     images = (await session.scalars(select(Image).where(Image.job_id == job.id).order_by(Image.index_in_job))).all()
@@ -82,6 +91,7 @@ async def job_view(session, store: ImageStore, job: Job, with_position: bool = T
                    job.parameters, job.settings, job.parent_image_id, job.attempts, job.error, job.created_at,
                    job.finished_at, position, eta, views, job.guild_id, job.channel_id, job.message_id,
                    list(job.loras or []), job.route_reason, job.cached_from_job_id)
+
 
 async def typical_duration(session, kind: str) -> float:
     """The median run time of the last 20 finished jobs of `kind` (5 s before there are any)."""
